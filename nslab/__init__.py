@@ -1,0 +1,1 @@
+"""nslab: Docker's network modes, from the syscalls up."""

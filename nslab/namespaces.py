@@ -1,0 +1,380 @@
+"""Namespaces as Python objects: open one, ask what it is, enter it on one thread, pin it.
+
+A :class:`Namespace` owns an open nsfs file descriptor. Holding the fd keeps the namespace
+alive, and makes its identity meaningful: the kernel reuses inode numbers once a namespace
+dies, so an identity is only worth comparing while something pins it.
+
+    >>> host = Namespace.current("net")
+    >>> lab = Namespace.create("net")          # a fresh, empty netns, pinned by its fd
+    >>> host == lab
+    False
+    >>> with lab.entered():                     # this thread only; always restored
+    ...     socket.socket()                     # a socket that lives in `lab` for good
+    >>> lab.persist("demo")                    # now `ip netns exec demo ...` works on it
+
+``setns`` moves only the calling thread (kernel-notes: threads started later inherit it),
+so nslab never leaves a long-lived thread in another namespace: :meth:`Namespace.entered`
+restores in ``finally``, and :meth:`Namespace.call` runs a function on a throwaway thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import os
+import re
+import signal
+import threading
+from typing import Callable, Iterator, TypeVar
+
+from . import _native
+from .errors import InputError, NslabError, from_errno
+
+__all__ = ["NamespaceKind", "KINDS", "kind_of", "Namespace", "remove_persisted", "NETNS_RUN_DIR"]
+
+T = TypeVar("T")
+NETNS_RUN_DIR = "/run/netns"
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceKind:
+    """One row of the namespace table (util-linux keeps the same table in unshare.c)."""
+
+    name: str            # the file name under /proc/PID/ns/
+    flag: int            # CLONE_NEW*
+    pidfd_ioctl: int     # PIDFD_GET_*_NAMESPACE (Linux 6.11+)
+    per_thread: bool     # can one thread of a multithreaded process setns into it?
+
+    def __repr__(self) -> str:
+        return f"<NamespaceKind {self.name}>"
+
+
+# Mount, user, pid and time namespaces cannot be entered by one thread of a threaded process
+# (setns: EINVAL), or only affect children: nslab enters those in a child process instead.
+KINDS: dict[str, NamespaceKind] = {k.name: k for k in (
+    NamespaceKind("net", _native.CLONE_NEWNET, _native.lib.NSLAB_PIDFD_GET_NET_NAMESPACE, True),
+    NamespaceKind("uts", _native.CLONE_NEWUTS, _native.lib.NSLAB_PIDFD_GET_UTS_NAMESPACE, True),
+    NamespaceKind("ipc", _native.CLONE_NEWIPC, _native.lib.NSLAB_PIDFD_GET_IPC_NAMESPACE, True),
+    NamespaceKind("mnt", _native.CLONE_NEWNS, _native.lib.NSLAB_PIDFD_GET_MNT_NAMESPACE, False),
+    NamespaceKind("pid", _native.CLONE_NEWPID, _native.lib.NSLAB_PIDFD_GET_PID_NAMESPACE, False),
+    NamespaceKind("user", _native.CLONE_NEWUSER, _native.lib.NSLAB_PIDFD_GET_USER_NAMESPACE, False),
+    NamespaceKind("cgroup", _native.CLONE_NEWCGROUP, _native.lib.NSLAB_PIDFD_GET_CGROUP_NAMESPACE, True),
+    NamespaceKind("time", _native.CLONE_NEWTIME, _native.lib.NSLAB_PIDFD_GET_TIME_NAMESPACE, False),
+)}
+_BY_FLAG = {k.flag: k for k in KINDS.values()}
+
+
+def kind_of(value: "str | int | NamespaceKind") -> NamespaceKind:
+    """Look a kind up by name (``"net"``), CLONE_NEW* flag, or pass one through."""
+    if isinstance(value, NamespaceKind):
+        return value
+    if isinstance(value, str) and value in KINDS:
+        return KINDS[value]
+    if isinstance(value, int) and not isinstance(value, bool) and value in _BY_FLAG:
+        return _BY_FLAG[value]
+    raise InputError("namespace kind", f"expected one of {', '.join(KINDS)} or a CLONE_NEW* flag",
+                     value)
+
+
+# Names a user gives a persisted netns: what `ip netns` accepts, minus anything a shell or a
+# path could misread (the kernel and iproute2 accept `x;id`: reliability.md).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _check_persist_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise InputError("netns name", "must be a string", name)
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise InputError("netns name", "use 1-64 letters, digits, '.', '_' or '-', "
+                                       "starting with a letter or digit", name)
+    return name
+
+
+class Namespace:
+    """An open handle to one namespace. Owns its fd; ``close()`` is idempotent."""
+
+    __slots__ = ("_fd", "kind", "description", "_identity", "__weakref__")
+
+    def __init__(self, fd: int, kind: "NamespaceKind | str | None" = None, description: str = ""):
+        """Take ownership of ``fd``; the kind is asked of the kernel when not given."""
+        self._fd = fd
+        try:
+            actual = kind_of(_native.ns_ioctl(fd, _native.lib.NSLAB_NS_GET_NSTYPE,
+                                              "NS_GET_NSTYPE", description or f"fd {fd}"))
+            if kind is not None and kind_of(kind) != actual:
+                raise InputError("namespace kind", f"{description or f'fd {fd}'} is a {actual.name} "
+                                 f"namespace, not {kind_of(kind).name}")
+            self.kind = actual
+            st = os.fstat(fd)
+            self._identity = (st.st_dev, st.st_ino)
+        except BaseException:
+            os.close(fd)
+            self._fd = -1
+            raise
+        self.description = description or f"{self.kind.name}:[{self._identity[1]}]"
+
+    # --- opening ------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str, kind: "NamespaceKind | str | None" = None) -> "Namespace":
+        """Open a namespace file: ``/proc/PID/ns/net``, ``/run/netns/NAME``, a bind mount."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise from_errno(exc.errno, "open", f"namespace {path}") from None
+        return cls(fd, kind, path)
+
+    @classmethod
+    def current(cls, kind: "NamespaceKind | str" = "net") -> "Namespace":
+        """The calling *thread's* namespace of ``kind`` (not the process's main thread's)."""
+        k = kind_of(kind)
+        return cls.open(f"/proc/thread-self/ns/{k.name}", k)
+
+    @classmethod
+    def of_pid(cls, pid: int, kind: "NamespaceKind | str" = "net") -> "Namespace":
+        """A process's namespace through /proc. Racy against PID reuse: prefer :meth:`of_pidfd`."""
+        k = kind_of(kind)
+        return cls.open(f"/proc/{int(pid)}/ns/{k.name}", k)
+
+    @classmethod
+    def of_pidfd(cls, pidfd: int, kind: "NamespaceKind | str" = "net") -> "Namespace":
+        """A process's namespace through its pidfd: the ioctl on 6.11+, else /proc, checked."""
+        k = kind_of(kind)
+        if _pidfd_ioctl_supported():
+            try:
+                fd = _native.ns_ioctl(pidfd, k.pidfd_ioctl, f"PIDFD_GET_{k.name.upper()}_NAMESPACE",
+                                      f"pidfd {pidfd}")
+                return cls(fd, k, f"{k.name} namespace of pidfd {pidfd}")
+            except NslabError as exc:
+                if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                _PIDFD_IOCTL[0] = False
+        pid = _pid_of_pidfd(pidfd)
+        ns = cls.of_pid(pid, k)
+        try:
+            # The pid may have been reused between fdinfo and open: the pidfd tells.
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            ns.close()
+            raise from_errno(errno.ESRCH, "pidfd_send_signal", f"pidfd {pidfd} (pid {pid})") from None
+        return ns
+
+    @classmethod
+    def from_fd(cls, fd: int, kind: "NamespaceKind | str | None" = None) -> "Namespace":
+        """A handle on a duplicate of ``fd``; the caller keeps its own fd."""
+        return cls(os.dup(fd), kind, f"fd {fd}")
+
+    @classmethod
+    def create(cls, kind: "NamespaceKind | str" = "net") -> "Namespace":
+        """A new, empty namespace, pinned only by the returned handle (no process, no mount).
+
+        A throwaway thread unshares and opens its own namespace file, then exits: the calling
+        thread never moves. Only kinds a single thread can have (net, uts, ipc, cgroup).
+        """
+        k = kind_of(kind)
+        if not k.per_thread:
+            raise InputError("namespace kind", f"a {k.name} namespace needs a process to hold it: "
+                             "start a child with it instead", k.name)
+
+        def make() -> int:
+            _native.unshare(k.flag, f"new {k.name} namespace")
+            return os.open(f"/proc/thread-self/ns/{k.name}", os.O_RDONLY | os.O_CLOEXEC)
+
+        fd = _run_on_thread(make)
+        return cls(fd, k)
+
+    # --- identity -----------------------------------------------------------------------
+    @property
+    def identity(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the nsfs file: equal identities mean the same namespace."""
+        return self._identity
+
+    @property
+    def inode(self) -> int:
+        return self._identity[1]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Namespace):
+            return NotImplemented
+        return self.kind == other.kind and self._identity == other._identity
+
+    def __hash__(self) -> int:
+        return hash((self.kind.name, self._identity))
+
+    def owner(self) -> "Namespace":
+        """The user namespace that owns this one (NS_GET_USERNS)."""
+        fd = _native.ns_ioctl(self.fileno(), _native.lib.NSLAB_NS_GET_USERNS, "NS_GET_USERNS",
+                              self.description)
+        return Namespace(fd, "user", f"owner of {self.description}")
+
+    def parent(self) -> "Namespace":
+        """The parent of a user or pid namespace (NS_GET_PARENT; EPERM at the top)."""
+        fd = _native.ns_ioctl(self.fileno(), _native.lib.NSLAB_NS_GET_PARENT, "NS_GET_PARENT",
+                              self.description)
+        return Namespace(fd, self.kind, f"parent of {self.description}")
+
+    def owner_uid(self) -> int:
+        """The uid that created a user namespace (NS_GET_OWNER_UID)."""
+        return _native.ns_get_owner_uid(self.fileno(), self.description)
+
+    # --- using it -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def entered(self) -> Iterator["Namespace"]:
+        """Move the calling thread into this namespace for the block; always moves it back.
+
+        Other threads never move. Only for kinds a thread can enter alone (net, uts, ipc,
+        cgroup); the block must not start threads that outlive it (they inherit it).
+        """
+        if not self.kind.per_thread:
+            raise InputError("namespace kind", f"a thread of a threaded process cannot enter a "
+                             f"{self.kind.name} namespace (setns: EINVAL); run a child in it",
+                             self.kind.name)
+        saved = Namespace.current(self.kind)
+        try:
+            _native.setns(self.fileno(), self.kind.flag, self.description)
+            try:
+                yield self
+            finally:
+                _native.setns(saved.fileno(), self.kind.flag, f"back to {saved.description}")
+        finally:
+            saved.close()
+
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn`` on a throwaway thread inside this namespace; return or re-raise its result."""
+        def inside():
+            with self.entered():
+                return fn(*args, **kwargs)
+        return _run_on_thread(inside)
+
+    # --- persisting, the way `ip netns add` does ----------------------------------------
+    def persist(self, name: str, run_dir: str = NETNS_RUN_DIR) -> str:
+        """Bind-mount this namespace at ``run_dir/name`` so it outlives its fd and processes.
+
+        With the default ``/run/netns`` this is exactly iproute2's layout: ``ip netns list``
+        shows it and ``ip netns exec NAME`` enters it. Undo with :func:`remove_persisted`.
+        """
+        name = _check_persist_name(name)
+        path = os.path.join(run_dir, name)
+        os.makedirs(run_dir, mode=0o755, exist_ok=True)
+        with _locked(run_dir):
+            if run_dir == NETNS_RUN_DIR:
+                _make_shared_mount(run_dir)
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+            except FileExistsError:
+                raise from_errno(errno.EEXIST, "open(O_CREAT|O_EXCL)", f"netns name {path}",
+                                 hint="pick another name, or remove_persisted() the old one") from None
+            try:
+                _native.mount(f"/proc/self/fd/{self.fileno()}", path, None, _native.MS_BIND)
+            except BaseException:
+                os.unlink(path)
+                raise
+        return path
+
+    # --- ownership ----------------------------------------------------------------------
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise from_errno(errno.EBADF, "fileno", f"closed handle to {self.description}")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> "Namespace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<Namespace {self.kind.name}:[{self._identity[1]}] {self.description!r} {state}>"
+
+
+def remove_persisted(name: str, run_dir: str = NETNS_RUN_DIR, missing_ok: bool = False) -> None:
+    """Undo :meth:`Namespace.persist` (``ip netns del``): lazy unmount, then unlink."""
+    name = _check_persist_name(name)
+    path = os.path.join(run_dir, name)
+    try:
+        _native.umount2(path, _native.MNT_DETACH)
+    except NslabError as exc:
+        # EINVAL: not a mount point (a half-made entry); ENOENT: already gone.
+        if exc.errno == errno.ENOENT and missing_ok:
+            return
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise from_errno(errno.ENOENT, "unlink", f"netns name {path}") from None
+
+
+# --- helpers ------------------------------------------------------------------------------
+_PIDFD_IOCTL = [None]
+
+
+def _pidfd_ioctl_supported() -> bool:
+    return _PIDFD_IOCTL[0] is not False
+
+
+def _pid_of_pidfd(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                if pid <= 0:
+                    raise from_errno(errno.ESRCH, "pidfd fdinfo", f"pidfd {pidfd} (process exited)")
+                return pid
+    raise from_errno(errno.EBADF, "pidfd fdinfo", f"fd {pidfd} is not a pidfd")
+
+
+def _run_on_thread(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a new thread and return its result or re-raise its exception here."""
+    box: dict[str, object] = {}
+
+    def body():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=body, name="nslab-ns", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_shared_mount(run_dir: str) -> None:
+    """What ip netns does: make run_dir a shared mount so netns mounts propagate to other
+    mount namespaces; if it is not a mount point yet (EINVAL), bind it onto itself first."""
+    try:
+        _native.mount("none", run_dir, None, _native.MS_SHARED | _native.MS_REC)
+    except NslabError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _native.mount(run_dir, run_dir, "none", _native.MS_BIND | _native.MS_REC)
+        _native.mount("none", run_dir, None, _native.MS_SHARED | _native.MS_REC)
+

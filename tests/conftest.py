@@ -1,0 +1,31 @@
+"""Shared fixtures and the tiers: unprivileged tests always run; ``root`` tests skip with a
+reason when not root; ``slow`` tests run only when asked for (``pytest -m slow``)."""
+import os
+
+import pytest
+
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    wants_slow = "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "root" in item.keywords and not IS_ROOT:
+            item.add_marker(pytest.mark.skip(reason="needs root: run the suite with sudo"))
+        if "slow" in item.keywords and not wants_slow:
+            item.add_marker(pytest.mark.skip(reason="slow tier: run with `pytest -m slow`"))
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def no_fd_leak():
+    """Fails the test if it leaves file descriptors open in the controller."""
+    before = open_fds()
+    yield
+    import gc
+    gc.collect()
+    leaked = open_fds() - before
+    assert not leaked, f"fds leaked: {sorted(leaked, key=int)}"
