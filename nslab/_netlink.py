@@ -10,17 +10,26 @@ This module is the only place that speaks rtnetlink; pyroute2's ``NetlinkError``
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import ipaddress
 import socket
-from typing import Any, Iterable
+import struct
+from typing import Any, Iterable, Sequence
 
 from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from .errors import NslabError, from_netlink
+from .errors import NslabError, from_errno, from_netlink
 from .namespaces import Namespace
 
-__all__ = ["NETLINK_ROUTE", "NETLINK_NETFILTER", "NETLINK_SOCK_DIAG", "socket_in", "Rtnl", "GONE"]
+__all__ = ["NETLINK_ROUTE", "NETLINK_NETFILTER", "NETLINK_SOCK_DIAG", "socket_in", "Rtnl", "GONE",
+           "Request", "link_up", "address_add", "default_route_add", "send_batch"]
 
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
@@ -108,6 +117,99 @@ class Rtnl:
 
     def __repr__(self) -> str:
         return f"<Rtnl {self.ns_description} {'closed' if self.closed else 'open'}>"
+
+
+# --- batches: several requests in one sendmsg -------------------------------------------
+# rtnetlink processes every message of one datagram in order, acking each: configuring a
+# fresh container namespace (lo up, eth0 up, address, default route) is one round trip
+# of ~0.1 ms instead of four pyroute2 calls of ~0.3 ms each (performance.md).
+_IFF_UP = 0x1
+_NLMSG_ERROR = 2
+_RTPROT_BOOT = 3
+_RT_TABLE_MAIN = 254
+_RTN_UNICAST = 1
+
+
+@dataclasses.dataclass
+class Request:
+    """One encoded rtnetlink request and what it does, for the error message."""
+    data: bytes
+    what: str
+
+
+def _encode(msg, msg_type: int, flags: int, what: str) -> Request:
+    msg["header"]["type"] = msg_type
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+    msg.encode()
+    return Request(bytes(msg.data), what)
+
+
+def link_up(ifname: str, mtu: int | None = None) -> Request:
+    """Bring a link up by name (RTM_NEWLINK on an existing link: a 'set')."""
+    msg = ifinfmsg()
+    msg["flags"] = msg["change"] = _IFF_UP
+    msg["attrs"] = [("IFLA_IFNAME", ifname)] + ([("IFLA_MTU", mtu)] if mtu else [])
+    return _encode(msg, RTM_NEWLINK, 0, f"set link {ifname} up")
+
+
+def address_add(index: int, interface: ipaddress.IPv4Interface, ifname: str = "") -> Request:
+    msg = ifaddrmsg()
+    msg["family"] = socket.AF_INET
+    msg["prefixlen"] = interface.network.prefixlen
+    msg["index"] = index
+    ip = str(interface.ip)
+    msg["attrs"] = [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip),
+                    ("IFA_BROADCAST", str(interface.network.broadcast_address))]
+    return _encode(msg, RTM_NEWADDR, NLM_F_CREATE | NLM_F_EXCL, f"add address {interface} to {ifname or index}")
+
+
+def default_route_add(gateway: ipaddress.IPv4Address, index: int) -> Request:
+    msg = rtmsg()
+    msg.update(family=socket.AF_INET, dst_len=0, table=_RT_TABLE_MAIN, proto=_RTPROT_BOOT,
+               scope=0, type=_RTN_UNICAST)
+    msg["attrs"] = [("RTA_GATEWAY", str(gateway)), ("RTA_OIF", index)]
+    return _encode(msg, RTM_NEWROUTE, NLM_F_CREATE | NLM_F_REPLACE, f"add default route via {gateway}")
+
+
+def link_index_raw(sock: socket.socket, ifname: str) -> int:
+    """RTM_GETLINK by name on a raw rtnetlink socket; the reply carries the index."""
+    msg = ifinfmsg()
+    msg["attrs"] = [("IFLA_IFNAME", ifname)]
+    msg["header"]["type"] = RTM_GETLINK
+    msg["header"]["flags"] = NLM_F_REQUEST
+    msg.encode()
+    sock.send(bytes(msg.data))
+    data = sock.recv(65536)
+    _, msg_type = struct.unpack_from("=IH", data, 0)
+    if msg_type == _NLMSG_ERROR:
+        raise from_errno(-struct.unpack_from("=i", data, 16)[0], "netlink get link", ifname)
+    return struct.unpack_from("=i", data, 16 + 4)[0]  # ifinfomsg: family, pad, type, index
+
+
+def send_batch(sock: socket.socket, requests: Sequence[Request], where: str) -> None:
+    """Send every request in one datagram; raise for the first one the kernel refused."""
+    buf = bytearray()
+    for seq, req in enumerate(requests, 1):
+        data = bytearray(req.data)
+        struct.pack_into("=I", data, 8, seq)  # nlmsg_seq: match acks to requests
+        buf += data
+    sock.send(bytes(buf))
+    errors: dict[int, int] = {}
+    acked = 0
+    while acked < len(requests):
+        data = sock.recv(65536)
+        off = 0
+        while off < len(data):
+            length, msg_type, _, seq, _ = struct.unpack_from("=IHHII", data, off)
+            if msg_type == _NLMSG_ERROR:
+                acked += 1
+                code = -struct.unpack_from("=i", data, off + 16)[0]
+                if code:
+                    errors[seq] = code
+            off += (length + 3) & ~3
+    if errors:
+        seq = min(errors)
+        raise from_errno(errors[seq], "netlink " + requests[seq - 1].what, where)
 
 
 def _hint(code: int) -> str | None:

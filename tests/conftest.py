@@ -1,10 +1,12 @@
 """Shared fixtures and the tiers: unprivileged tests always run; ``root`` tests skip with a
 reason when not root; ``slow`` tests run only when asked for (``pytest -m slow``)."""
 import os
+import sys
 
 import pytest
 
 IS_ROOT = os.geteuid() == 0
+sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,6 +16,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs root: run the suite with sudo"))
         if "slow" in item.keywords and not wants_slow:
             item.add_marker(pytest.mark.skip(reason="slow tier: run with `pytest -m slow`"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_host_untouched():
+    """The whole suite must leave the real host's network state exactly as it found it."""
+    if not IS_ROOT:
+        yield
+        return
+    from _hoststate import diff, snapshot
+    before = snapshot()
+    yield
+    problems = diff(before, snapshot())
+    assert not problems, "the test suite changed the real host's network state: " + "; ".join(problems)
 
 
 def open_fds():

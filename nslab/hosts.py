@@ -1,0 +1,266 @@
+"""Hosts: the network namespace that plays "the Docker host".
+
+A :class:`SandboxHost` (the default) is a throwaway network namespace with ``lo`` up and an
+uplink veth to a second namespace that plays the outside world (another machine, the
+internet) — the CNI/netavark test pattern. Everything nslab does lands inside it, so the
+real machine's links, routes, firewall and sysctls are never touched, and when the last
+handle closes (or the controller dies) the kernel removes the lot::
+
+      outside netns                    sandbox host netns
+    ┌───────────────────┐          ┌──────────────────────────────┐
+    │ eth0 198.51.100.1 ├──veth────┤ eth0 198.51.100.2            │
+    └───────────────────┘          │ nslab0 172.17.0.1/16 ─ veth… │── children
+                                   └──────────────────────────────┘
+
+A :class:`CurrentHost` is the caller's own network namespace, opt-in, for engineers on a
+throwaway VM who want the real thing. There nslab creates only objects it names and owns,
+and restores every sysctl it changed when it closes.
+
+The host reference is the *calling thread's* namespace when the host object is made —
+never ``/proc/1``, which on many machines belongs to a supervisor (kernel-notes).
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import tempfile
+import threading
+from typing import Callable, TypeVar
+
+from ._netlink import Rtnl
+from .errors import InputError, NslabError, from_errno
+from .namespaces import Namespace
+
+__all__ = ["Host", "SandboxHost", "CurrentHost", "state_root", "read_sysctl", "write_sysctl"]
+
+T = TypeVar("T")
+
+# TEST-NET-2 (RFC 5737): documentation addresses, never routed on a real network.
+OUTSIDE_SUBNET = ipaddress.IPv4Network("198.51.100.0/24")
+OUTSIDE_ADDRESS = ipaddress.IPv4Interface("198.51.100.1/24")
+UPLINK_ADDRESS = ipaddress.IPv4Interface("198.51.100.2/24")
+
+
+def state_root() -> str:
+    """Where nslab keeps records: /run/nslab as root, else the user's runtime dir."""
+    if os.geteuid() == 0:
+        return "/run/nslab"
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return os.path.join(base, f"nslab-{os.getuid()}")
+
+
+def _sysctl_path(name: str) -> str:
+    if not name or any(part in ("", "..", ".") for part in name.split(".")) or "/" in name.replace(".", ""):
+        raise InputError("sysctl", "expected a dotted name like net.ipv4.ip_forward", name)
+    return "/proc/sys/" + name.replace(".", "/")
+
+
+def read_sysctl(ns: Namespace, name: str) -> str:
+    """Read a sysctl as seen from inside ``ns`` (net.* sysctls are per network namespace)."""
+    path = _sysctl_path(name)
+
+    def read() -> str:
+        with open(path) as f:
+            return f.read().strip()
+    try:
+        return ns.call(read)
+    except OSError as exc:
+        raise from_errno(exc.errno or errno.EIO, "read", f"sysctl {name} in {ns.description}") from None
+
+
+def write_sysctl(ns: Namespace, name: str, value: str) -> None:
+    path = _sysctl_path(name)
+
+    def write() -> None:
+        with open(path, "w") as f:
+            f.write(str(value))
+    try:
+        ns.call(write)
+    except OSError as exc:
+        raise from_errno(exc.errno or errno.EIO, "write", f"sysctl {name}={value} in {ns.description}") from None
+
+
+class Host:
+    """What the Lab needs of a host: its netns, an rtnetlink session, a state directory,
+    and sysctl changes that are undone on close where the host outlives nslab."""
+
+    kind = "host"
+
+    def __init__(self, netns: Namespace, state_dir: str, *, restore_sysctls: bool):
+        self.netns = netns
+        self.state_dir = state_dir
+        self._restore_sysctls = restore_sysctls
+        self._saved_sysctls: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self.rtnl = Rtnl(netns)
+        self._closed = False
+
+    # --- running things inside the host's namespace --------------------------------------
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn`` on a throwaway thread inside the host's network namespace."""
+        return self.netns.call(fn, *args, **kwargs)
+
+    def sysctl(self, name: str) -> str:
+        return read_sysctl(self.netns, name)
+
+    def set_sysctl(self, name: str, value: str) -> None:
+        """Set a sysctl in the host's namespace; the first old value is kept for restore()."""
+        with self._lock:
+            old = read_sysctl(self.netns, name)
+            if old == str(value):
+                return
+            self._saved_sysctls.setdefault(name, old)
+            write_sysctl(self.netns, name, value)
+
+    def restore_sysctl(self, name: str) -> None:
+        with self._lock:
+            old = self._saved_sysctls.pop(name, None)
+            if old is not None:
+                write_sysctl(self.netns, name, old)
+
+    @property
+    def changed_sysctls(self) -> dict[str, str]:
+        """Sysctls this host changed, with the values they had before."""
+        return dict(self._saved_sysctls)
+
+    # --- facts the network layer needs -------------------------------------------------
+    def onlink_networks(self) -> list[ipaddress.IPv4Network]:
+        """Destinations of the host's routes (Docker skips pools that overlap these)."""
+        nets = []
+        for route in self.rtnl.routes():
+            dst = route.get("RTA_DST") or route.get_attr("RTA_DST")
+            if dst and route["dst_len"] > 0:
+                nets.append(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+        return nets
+
+    # --- ownership ---------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._restore_sysctls:
+                for name in list(self._saved_sysctls):
+                    self.restore_sysctl(name)
+        finally:
+            self.rtnl.close()
+            self.netns.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SandboxHost(Host):
+    """A throwaway network namespace playing the Docker host, plus a simulated outside.
+
+    Nothing is persisted: both namespaces are pinned only by this object's fds (and by the
+    processes nslab starts in them), so they vanish with it — even after a SIGKILL.
+    """
+
+    kind = "sandbox"
+
+    def __init__(self, state_dir: str | None = None):
+        created_dir = state_dir is None
+        if created_dir:
+            os.makedirs(state_root(), mode=0o700, exist_ok=True)
+            state_dir = tempfile.mkdtemp(prefix="sandbox-", dir=state_root())
+        self._created_dir = state_dir if created_dir else None
+        netns = outside = None
+        try:
+            netns = Namespace.create("net")
+            outside = Namespace.create("net")
+            super().__init__(netns, state_dir, restore_sysctls=False)
+            self.outside = outside
+            self.outside_rtnl = Rtnl(outside)
+            self._wire_uplink()
+        except BaseException:
+            for obj in (getattr(self, "outside_rtnl", None), getattr(self, "rtnl", None), outside, netns):
+                if obj is not None:
+                    obj.close()
+            self._remove_state_dir()
+            raise
+        self.uplink = "eth0"
+        self.address = UPLINK_ADDRESS.ip
+        self.outside_address = OUTSIDE_ADDRESS.ip
+
+    def _wire_uplink(self) -> None:
+        from ._netlink import address_add, default_route_add, link_index_raw, link_up, send_batch, socket_in
+        # The outside end is born in the outside namespace: never moved (kernel-notes).
+        self.rtnl.request("link", "add", ifname="eth0", kind="veth",
+                          peer={"ifname": "eth0", "net_ns_fd": self.outside.fileno()}, obj="uplink veth eth0")
+        for ns, addr, gw in ((self.netns, UPLINK_ADDRESS, OUTSIDE_ADDRESS.ip), (self.outside, OUTSIDE_ADDRESS, None)):
+            sock = socket_in(ns)
+            try:
+                sock.bind((0, 0))
+                index = link_index_raw(sock, "eth0")
+                requests = [link_up("lo"), link_up("eth0"), address_add(index, addr, "eth0")]
+                if gw is not None:
+                    requests.append(default_route_add(gw, index))
+                send_batch(sock, requests, ns.description)
+            finally:
+                sock.close()
+        # The sandbox is a router for its bridges, as Docker makes the host one.
+        self.set_sysctl("net.ipv4.ip_forward", "1")
+
+    def outside_call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run ``fn`` on a thread inside the simulated outside network."""
+        return self.outside.call(fn, *args, **kwargs)
+
+    def _remove_state_dir(self) -> None:
+        if self._created_dir:
+            import shutil
+            shutil.rmtree(self._created_dir, ignore_errors=True)
+            self._created_dir = None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()
+        finally:
+            self.outside_rtnl.close()
+            self.outside.close()
+            self._remove_state_dir()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"netns {self.netns.inode}, outside {self.outside.inode}"
+        return f"<SandboxHost {state}>"
+
+
+class CurrentHost(Host):
+    """The caller's own network namespace (opt-in). nslab restores the sysctls it changes.
+
+    ``allow_forwarding``: Docker turns ``net.ipv4.ip_forward`` on; doing that on a real
+    machine also changes ``accept_redirects`` and forwarding on every interface
+    (reliability.md), so nslab only does it when asked, and puts it back on close.
+    """
+
+    kind = "current"
+
+    def __init__(self, state_dir: str | None = None, *, allow_forwarding: bool = False):
+        if not isinstance(allow_forwarding, bool):
+            raise InputError("allow_forwarding", "must be True or False", allow_forwarding)
+        state_dir = state_dir or os.path.join(state_root(), "host")
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        super().__init__(Namespace.current("net"), state_dir, restore_sysctls=True)
+        self.allow_forwarding = allow_forwarding
+        self.uplink = None
+        self.address = None
+        self.outside = None
+        if allow_forwarding:
+            self.set_sysctl("net.ipv4.ip_forward", "1")
+
+    def outside_call(self, fn, *args, **kwargs):
+        raise NslabError(errno.EOPNOTSUPP, "the current host has no simulated outside network: "
+                         "use the sandbox host (the default) for egress experiments")
+
+    def __repr__(self) -> str:
+        return f"<CurrentHost netns {self.netns.inode}{' closed' if self.closed else ''}>"
