@@ -1,0 +1,497 @@
+"""The Lab: the one object a script holds. It owns a host, its networks and its containers.
+
+    >>> from nslab import Lab
+    >>> with Lab() as lab:                                   # a sandbox host: the real one is untouched
+    ...     web = lab.spawn(["python3", "-m", "http.server", "80"], name="web", publish=["8080:80"])
+    ...     top = lab.spawn(["sleep", "60"], mode="host")     # shares the (sandbox) host's netns
+    ...     print(web.address, lab.compare(web, top).table())
+
+Each ``spawn`` reproduces one ``docker run --network MODE``: the network work happens while
+the child is parked between ``clone3`` and ``execve`` (``before_exec``), so the program
+starts with its network ready, as in Docker. Teardown runs in reverse order, by identity,
+and is idempotent: ``close()`` after a child was killed underneath, or after a failed step,
+still removes exactly what this lab made — and nothing else.
+
+"Container" here means a process tree in namespaces wired the way Docker wires a container;
+there is no image and no root filesystem: children run the host's programs.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from . import modes as _modes
+from ._netlink import link_up, send_batch, socket_in
+from .errors import InputError, NslabError
+from .hosts import CurrentHost, Host, SandboxHost, scratch_root
+from .modes import Mode, check_container_name, parse_mode
+from .namespaces import KINDS, Namespace, kind_of
+from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint
+from .process import Child
+from .records import LabRecord
+
+__all__ = ["Lab", "Container", "check_argv", "check_env"]
+
+
+def check_argv(argv: object, field: str = "argv") -> list[str]:
+    """A non-empty list of strings without NUL bytes (execve could not carry them)."""
+    if isinstance(argv, (str, bytes)) or not isinstance(argv, Sequence) or not argv:
+        raise InputError(field, "expected a non-empty list of strings (no shell: one item per argument)",
+                         argv)
+    out = []
+    for i, arg in enumerate(argv):
+        if not isinstance(arg, str):
+            raise InputError(f"{field}[{i}]", "must be a string", arg)
+        if "\0" in arg:
+            raise InputError(f"{field}[{i}]", "contains a NUL byte", arg)
+        out.append(arg)
+    return out
+
+
+def check_env(env: object, field: str = "env") -> dict[str, str] | None:
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise InputError(field, "expected a mapping of names to values", env)
+    for key, value in env.items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise InputError(field, "names are non-empty strings without '=' or NUL", key)
+        if not isinstance(value, str) or "\0" in value:
+            raise InputError(f"{field}[{key!r}]", "values are strings without NUL", value)
+    return dict(env)
+
+
+def _check_hostname(hostname: object) -> str | None:
+    if hostname is None:
+        return None
+    if not isinstance(hostname, str) or not 0 < len(hostname.encode()) <= 64 \
+            or not all(c.isalnum() or c in "-." for c in hostname) or hostname[0] in "-.":
+        raise InputError("hostname", "1-64 letters, digits, '-' or '.', not starting with '-' or '.'", hostname)
+    return hostname
+
+
+class Container:
+    """One child started by a Lab in a network mode. Close it (or the lab) to tear it down."""
+
+    def __init__(self, lab: "Lab", name: str, mode: Mode, child: Child, netns: Namespace,
+                 endpoint: Endpoint | None, published: list, warnings_: list[str],
+                 joined: "Container | None"):
+        self.lab = lab
+        self.name = name
+        self.mode = mode
+        self.child = child
+        self.netns = netns
+        self.endpoint = endpoint
+        self.published = published
+        self.warnings = warnings_
+        self.joined = joined
+        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    @property
+    def address(self):
+        """The container's IPv4 address (bridge mode; container mode: its owner's), or None."""
+        if self.endpoint is not None:
+            return self.endpoint.ip
+        if self.joined is not None:
+            return self.joined.address
+        return None
+
+    @property
+    def owner_alive(self) -> bool:
+        """container: mode only — is the container whose netns this one joined still up?
+        Docker's caveat (moby#10462): when it goes, this one keeps a netns with only lo."""
+        return self.joined is None or (not self.joined.closed and self.joined.running)
+
+    @property
+    def running(self) -> bool:
+        return self.child.poll() is None
+
+    @property
+    def returncode(self):
+        return self.child.returncode
+
+    def namespace(self, kind: str = "net") -> Namespace:
+        """A handle on one of this container's namespaces (owned by the container)."""
+        if kind_of(kind).name == "net":
+            return self.netns
+        return self.child.namespace(kind)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.child.wait(timeout)
+
+    def stop(self, timeout: float = 2.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` (``docker stop``). Network stays until close()."""
+        return self.child.terminate(timeout)
+
+    def kill(self) -> None:
+        self.child.kill()
+
+    def view(self):
+        return self.lab.view(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Stop the child, unpublish, remove the veth, release the address. Idempotent."""
+        if not self._closed:
+            self.lab._remove(self)
+
+    def __enter__(self) -> "Container":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        addr = f" {self.address}" if self.address else ""
+        state = "closed" if self._closed else repr(self.child).split(": ", 1)[-1].rstrip(">")
+        return f"<Container {self.name} {self.mode}{addr}: {state}>"
+
+
+class _Wiring:
+    """The network side of one spawn: which namespaces to create and join, and the work
+    done while the child is parked between clone3 and execve. ``undo()`` is idempotent."""
+
+    def __init__(self, lab: "Lab", plan: dict):
+        self.lab = lab
+        self.plan = plan
+        mode: Mode = plan["mode"]
+        self.network = lab.network(mode.network) if mode.kind == "bridge" else None
+        self.endpoint: Endpoint | None = None
+        self.published: list = []
+        self.owns_netns = mode.kind in ("bridge", "none")
+        self.new = (("net",) if self.owns_netns else ()) + tuple(plan["new"])
+        if mode.kind == "host":
+            self.join, self.netns = [lab.host.netns], lab.host.netns
+        elif mode.kind == "container":
+            self.join, self.netns = [plan["joined"].netns], plan["joined"].netns
+        else:
+            self.join, self.netns = [], None
+        self._published_key = None
+
+    def before_exec(self, child: Child) -> None:
+        if not self.owns_netns:
+            return
+        # Our own handle: it pins the netns so the veth can be removed before the netns dies.
+        self.netns = Namespace.of_pidfd(child.pidfd, "net")
+        if self.network is None:
+            _bring_up_lo(self.netns)
+            return
+        name = self.plan["name"]
+        self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name))
+        # Always, even with no ports: Docker adds DROP DIRECT ACCESS for every endpoint.
+        self._published_key = name
+        self.published = self.lab.firewall.publish(name, self.network.bridge, self.endpoint.ip,
+                                                   self.plan["mappings"], via=self.plan["via"])
+
+    def undo(self) -> None:
+        name = self.plan["name"]
+        try:
+            if self._published_key is not None:
+                self._published_key = None
+                self.lab.firewall.unpublish(name)
+        finally:
+            if self.network is not None and self.endpoint is not None:
+                self.endpoint = None
+                self.network.detach(self.lab._owner(name))
+
+
+class Lab:
+    """A host (sandbox by default), its bridge networks, firewall and containers.
+
+    ``host``: ``"sandbox"`` (a throwaway netns; the default), ``"current"`` (the caller's own
+    netns — changes the real machine: only on a throwaway VM), or a :class:`Host`.
+    ``published_via``: how published ports are served: ``"docker"`` (DNAT + userland proxy,
+    Docker's default), ``"nat"`` (kernel only, Docker's ``userland-proxy: false``) or
+    ``"proxy"`` (userland proxy only).
+    """
+
+    def __init__(self, host: "str | Host" = "sandbox", *, published_via: str = "docker",
+                 allow_forwarding: bool = False, strict_publish: bool = False):
+        self.published_via = check_published_via(published_via)
+        if not isinstance(strict_publish, bool):
+            raise InputError("strict_publish", "must be True or False", strict_publish)
+        if not (isinstance(host, Host) or host in ("sandbox", "current")):
+            raise InputError("host", "expected 'sandbox', 'current' or a Host", host)
+        if not isinstance(allow_forwarding, bool):
+            raise InputError("allow_forwarding", "must be True or False", allow_forwarding)
+        self.record = LabRecord()
+        self.id = self.record.lab_id
+        self._dir_key = None
+        try:
+            if isinstance(host, Host):
+                self.host, self._owns_host = host, False
+            elif host == "sandbox":
+                state_dir = os.path.join(scratch_root(), f"sandbox-{self.id}")
+                self._dir_key = self.record.add("dir", path=state_dir)
+                self.host, self._owns_host = SandboxHost(state_dir), True
+            else:
+                self.host, self._owns_host = CurrentHost(allow_forwarding=allow_forwarding), True
+            self.host.record = self.record
+            self.host.prepare_forwarding()
+        except BaseException:
+            if getattr(self, "_owns_host", False):
+                self.host.close()
+            self.record.close()
+            raise
+        self.strict_publish = strict_publish
+        self.networks: dict[str, BridgeNetwork] = {}
+        self.containers: dict[str, Container] = {}
+        self._firewall = None
+        self._lock = threading.RLock()
+        self._counter = itertools.count(1)
+        self._closed = False
+
+    # --- networks -----------------------------------------------------------------------
+    def network(self, name: str = _modes.DEFAULT_NETWORK, *, subnet=None) -> BridgeNetwork:
+        """The bridge network ``name``, created on first use (``docker network create``)."""
+        self._check_open()
+        with self._lock:
+            if name in self.networks:
+                if subnet is not None and self.networks[name].subnet != _as_network(subnet):
+                    raise InputError("subnet", f"network {name} exists with subnet {self.networks[name].subnet}",
+                                     subnet)
+                return self.networks[name]
+            bridge = DEFAULT_BRIDGE if name == _modes.DEFAULT_NETWORK else None
+            net = BridgeNetwork(self.host, name, subnet=subnet, bridge=bridge, tag=f"nslab:{self.id}")
+            try:
+                self.firewall.add_network(net.bridge, net.subnet)
+            except BaseException:
+                net.close()
+                raise
+            self.networks[name] = net
+            return net
+
+    @property
+    def firewall(self):
+        """The lab's nftables table in the host netns, made when the first network is."""
+        if self._firewall is None:
+            from .firewall import Firewall
+            self._firewall = Firewall(self.host.netns, published_via=self.published_via)
+        return self._firewall
+
+    # --- containers ---------------------------------------------------------------------
+    def spawn(self, argv: Sequence[str], *, mode: "str | Mode" = "bridge", name: str | None = None,
+              publish: Iterable = (), new: Iterable[str] = (), hostname: str | None = None,
+              env: Mapping[str, str] | None = None, cwd: str | None = None, stdin=None, stdout=None,
+              stderr=None, pass_fds: Iterable[int] = (), published_via: str | None = None,
+              strict_publish: bool | None = None) -> Container:
+        """Start ``argv`` as ``docker run --network MODE`` would place it.
+
+        ``new``: extra namespaces to create (``"pid"``, ``"mnt"``, ``"uts"``, ``"ipc"``...);
+        the mode decides the network namespace. ``publish``: Docker ``-p`` specs. Raises
+        InputError for bad input, before anything in the kernel changes.
+        """
+        plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
+        argv = check_argv(argv)
+        env = check_env(env)
+        wiring = _Wiring(self, plan)
+        try:
+            child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
+                                hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
+                                pass_fds=tuple(pass_fds), before_exec=wiring.before_exec)
+        except BaseException:
+            wiring.undo()
+            raise
+        container = Container(self, plan["name"], plan["mode"], child, wiring.netns, wiring.endpoint,
+                              wiring.published, [plan["warning"]] if plan["warning"] else [], plan["joined"])
+        with self._lock:
+            self.containers[container.name] = container
+        return container
+
+    def run(self, fn: Callable[..., Any], *args: Any, mode: "str | Mode" = "bridge", name: str | None = None,
+            publish: Iterable = (), new: Iterable[str] = (), hostname: str | None = None,
+            timeout: float | None = 60.0, **kwargs: Any) -> Any:
+        """Run a Python callable in a fresh child placed in ``mode``; return its result or
+        re-raise its exception. The child is a fresh interpreter (safe with threads); its
+        network is removed when it returns."""
+        from .process import call_in_child
+        plan = self._plan(mode, name, publish, new, hostname, None, None)
+        wiring = _Wiring(self, plan)
+        try:
+            return call_in_child(fn, *args, new=wiring.new, join=wiring.join, hostname=plan["hostname"],
+                                 timeout=timeout, before_exec=wiring.before_exec, **kwargs)
+        finally:
+            wiring.undo()
+            if wiring.netns is not None and wiring.owns_netns:
+                wiring.netns.close()
+
+    def _plan(self, mode, name, publish, new, hostname, published_via, strict_publish) -> dict:
+        """Validate everything up front; nothing in the kernel has changed yet."""
+        from .publish import check_publish_for_mode, parse_publish
+        self._check_open()
+        m = parse_mode(mode)
+        if name is None:
+            name = f"c{next(self._counter)}"
+            while name in self.containers:
+                name = f"c{next(self._counter)}"
+        name = check_container_name(name)
+        if name in self.containers:
+            raise InputError("name", f"a container named {name!r} already exists in this lab "
+                             "(Docker: Conflict. The container name is already in use)", name)
+        if isinstance(new, str):
+            new = (new,)
+        new_kinds = []
+        for k in new:
+            kind = kind_of(k).name
+            if kind == "net":
+                raise InputError("new", "the network namespace is decided by the mode, not by new=", k)
+            if kind not in new_kinds:
+                new_kinds.append(kind)
+        hostname = _check_hostname(hostname)
+        if hostname and "uts" not in new_kinds:
+            if m.kind == "container":
+                raise InputError("hostname", "conflicting options: hostname and the network mode", hostname)
+            new_kinds.append("uts")
+        mappings = parse_publish(publish)
+        strict = self.strict_publish if strict_publish is None else strict_publish
+        warning = check_publish_for_mode(m.kind, mappings, strict=strict)
+        via = self.published_via if published_via is None else check_published_via(published_via)
+        joined = None
+        if m.kind == "container":
+            joined = self.containers.get(m.container)
+            if joined is None:
+                raise InputError("mode", f"no container named {m.container!r} in this lab", str(m))
+            if joined.closed or not joined.running:
+                raise InputError("mode", f"cannot join network of a non running container: {m.container}", str(m))
+        return {"mode": m, "name": name, "new": new_kinds, "hostname": hostname,
+                "mappings": mappings if m.kind == "bridge" else [], "warning": warning,
+                "via": via, "joined": joined}
+
+    def _owner(self, name: str) -> str:
+        """IPAM owner strings carry the lab id, so gc can release a dead lab's addresses."""
+        return f"{self.id}/{name}"
+
+    def _remove(self, container: Container) -> None:
+        """Tear one container down: stop it, unpublish, delete its veth, release its address."""
+        with self._lock:
+            if container._closed:
+                return
+            container._closed = True
+            self.containers.pop(container.name, None)
+        errors: list[BaseException] = []
+        # Child first (docker stop), then its rules and veth while our handle still pins the
+        # netns (host sides go before their namespaces), then the handle itself.
+        for step in (container.child.close,
+                     lambda: self._firewall is not None and self._firewall.unpublish(container.name),
+                     lambda: container.endpoint is not None and
+                     self.networks[container.endpoint.network].detach(self._owner(container.name)),
+                     lambda: container.mode.new_netns and container.netns.close()):
+            try:
+                step()
+            except BaseException as exc:  # noqa: BLE001 - finish teardown, then report
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __getitem__(self, name: str) -> Container:
+        return self.containers[name]
+
+    # --- evidence -------------------------------------------------------------------------
+    def view(self, target: "Container | str" = "host"):
+        """What a container (or the host) sees: namespaces, links, addresses, routes, sockets."""
+        from .evidence import View
+        if isinstance(target, str):
+            if target == "host":
+                namespaces = {k: Namespace.current(k) for k in KINDS if k != "net"}
+                namespaces["net"] = self.host.netns
+                try:
+                    return View.gather("host", namespaces, pid=None)
+                finally:
+                    for k, ns in namespaces.items():
+                        if k != "net":
+                            ns.close()
+            target = self.containers[target]
+        namespaces = {}
+        for k in KINDS:
+            try:
+                namespaces[k] = target.namespace(k)
+            except NslabError:
+                pass  # the child is gone: what is pinned (its netns) is still shown
+        return View.gather(target.name, namespaces, pid=target.pid if target.running else None)
+
+    def compare(self, a: "Container | str", b: "Container | str"):
+        from .evidence import compare
+        return compare(self.view(a), self.view(b))
+
+    # --- ownership ------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NslabError(errno.EBADF, "this lab is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Tear everything down in reverse order of creation. Idempotent; reports the first error."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[BaseException] = []
+
+        def attempt(fn):
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+        for container in reversed(list(self.containers.values())):
+            attempt(container.close)
+        for network in reversed(list(self.networks.values())):
+            attempt(lambda: self._firewall.remove_network(network.bridge) if self._firewall else None)
+            attempt(network.close)
+        if self._firewall is not None:
+            attempt(self._firewall.close)
+        if self._owns_host:
+            attempt(self.host.close)
+            if self.host.closed:
+                self.record.forget(self._dir_key)
+        self.record.close()
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<Lab closed>"
+        return (f"<Lab {self.host!r}: {len(self.networks)} networks, {len(self.containers)} containers, "
+                f"published via {self.published_via}>")
+
+
+def check_published_via(value: object) -> str:
+    from .firewall import BACKENDS
+    if value not in BACKENDS:
+        raise InputError("published_via", f"expected one of {', '.join(BACKENDS)}", value)
+    return value  # type: ignore[return-value]
+
+
+def _as_network(value):
+    import ipaddress
+    try:
+        return ipaddress.IPv4Network(value)
+    except ValueError:
+        return None
+
+
+def _bring_up_lo(netns: Namespace) -> None:
+    """none mode: Docker brings lo up in the new netns, and nothing else."""
+    sock = socket_in(netns)
+    try:
+        sock.bind((0, 0))
+        send_batch(sock, [link_up("lo")], netns.description)
+    finally:
+        sock.close()

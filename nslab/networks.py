@@ -1,0 +1,266 @@
+"""Bridge networks, wired the way Docker's bridge driver wires them.
+
+Per network (Docker: daemon start-up or ``docker network create``): a Linux bridge with a
+random MAC, ``accept_ra=0``, the gateway address (``.1`` of the subnet), up. The subnet is
+the first of Docker's pools that overlaps none of the host's routes or nameservers (so it
+never collides with a running ``docker0``), or one the user gives.
+
+Per container (Docker: ``docker run --network bridge``)::
+
+    host netns:       bridge nslab0 ── veth1a2b3c4 (master nslab0, up, mtu 1500)
+                                            │  one veth pair; the peer is *born* inside
+    container netns:                       eth0 (172.17.0.2/16, up, mtu 1500), lo up,
+                                           default via 172.17.0.1,
+                                           ip_unprivileged_port_start=0, ping_group_range
+
+The peer is created directly in the container's namespace, never moved there afterwards:
+moving a link costs an RCU grace period under RTNL and flushes its state (kernel-notes).
+Inside the container, everything is one batch of rtnetlink requests in one ``sendmsg``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import re
+import secrets
+import threading
+
+from . import ipam as _ipam
+from ._netlink import GONE, address_add, default_route_add, link_index_raw, link_up, send_batch
+from .errors import InputError, NslabError
+from .hosts import Host, write_sysctl
+from .namespaces import Namespace
+
+__all__ = ["BridgeNetwork", "Endpoint", "check_network_name", "DEFAULT_BRIDGE", "CONTAINER_MTU",
+           "CONTAINER_SYSCTLS"]
+
+DEFAULT_BRIDGE = "nslab0"          # Docker's is docker0: a different name never collides with it
+CONTAINER_MTU = 1500
+# What Docker sets inside every *private* netns it creates (docker-behaviors.md, bridge #4).
+CONTAINER_SYSCTLS = {
+    "net/ipv4/ip_unprivileged_port_start": "0",
+    "net/ipv4/ping_group_range": "0 2147483647",
+}
+MAX_IFNAME = 15                    # IFNAMSIZ - 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+
+
+def check_network_name(name: object, field: str = "network name") -> str:
+    """Docker's network-name rule, plus a length limit; nothing a shell could misread."""
+    if not isinstance(name, str):
+        raise InputError(field, "must be a string", name)
+    if not name or len(name) > 64 or not _NAME_RE.match(name):
+        raise InputError(field, "use 1-64 letters, digits, '_', '.' or '-', starting with a letter "
+                                "or digit", name)
+    if name in ("host", "none") or name.startswith("container:"):
+        raise InputError(field, f"{name!r} is a network mode, not a network name", name)
+    return name
+
+
+def check_ifname(name: object, field: str = "bridge name") -> str:
+    if not isinstance(name, str) or not _IFNAME_RE.match(name):
+        raise InputError(field, f"an interface name is 1-{MAX_IFNAME} bytes of letters, digits, "
+                                "'_', '.' or '-' (the kernel would take more: a shell would misread them)",
+                         name)
+    return name
+
+
+@dataclasses.dataclass
+class Endpoint:
+    """One container's attachment to a bridge network (Docker: an endpoint)."""
+
+    network: str
+    host_ifname: str          # veth + 7 hex, enslaved to the bridge, in the host netns
+    ifname: str               # eth0, inside the container netns
+    address: ipaddress.IPv4Interface
+    gateway: ipaddress.IPv4Address
+    netns_identity: tuple[int, int]
+    owner: str
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address:
+        return self.address.ip
+
+    def to_dict(self) -> dict:
+        return {"network": self.network, "host_ifname": self.host_ifname, "ifname": self.ifname,
+                "address": str(self.address), "gateway": str(self.gateway), "owner": self.owner}
+
+
+class BridgeNetwork:
+    """A bridge, its subnet and its IPAM, in one host namespace. Close to remove the bridge."""
+
+    def __init__(self, host: Host, name: str, *, subnet=None, bridge: str | None = None,
+                 tag: str = "nslab"):
+        """``tag`` goes into the bridge's alias (``tag:name``) so it can be found by identity."""
+        self.name = check_network_name(name)
+        self.bridge = check_ifname(bridge) if bridge else "br-" + secrets.token_hex(6)
+        # Docker skips pools overlapping the host's on-link routes and its nameservers, so a
+        # network never collides with a running docker0 (moby InferReservedNetworks).
+        avoid = _ipam.host_avoid_list(host.rtnl.routes(), _ipam.read_nameservers())
+        if subnet is not None:
+            _ipam.validate_subnet(subnet, "subnet", avoid=avoid)   # InputError before any change
+        # Choice and creation under one directory-wide lock: process-safe on a shared state dir.
+        self.ipam = _ipam.Ipam.for_network(host.state_dir, self.name, avoid=avoid, subnet=subnet)
+        self.subnet = self.ipam.subnet
+        self.gateway = self.ipam.gateway
+        self.host = host
+        self._closed = False
+        self._lock = threading.Lock()
+        self.endpoints: dict[str, Endpoint] = {}
+        self._veth_keys: dict[str, str | None] = {}
+        self._ipam_key = host.remember("ipam", state_dir=host.state_dir, network=self.name,
+                                       subnet=str(self.subnet))
+        try:
+            self.index = self._create_bridge(tag)
+        except BaseException:
+            self.ipam.close(remove=True)
+            self.host.forget(self._ipam_key)
+            raise
+
+    def _create_bridge(self, tag: str) -> int:
+        rtnl = self.host.rtnl
+        mac = _random_mac()
+        alias = f"{tag}:{self.name}"
+        self._record_key = self.host.remember("link", ifname=self.bridge, alias=alias)
+        rtnl.request("link", "add", ifname=self.bridge, kind="bridge", address=mac,
+                     obj=f"bridge {self.bridge}")
+        try:
+            index = rtnl.link_index(self.bridge)
+            # The alias tags the bridge as nslab's, so gc finds it by tag rather than by name.
+            rtnl.request("link", "set", index=index, ifalias=alias, obj=f"bridge {self.bridge}")
+            try:
+                write_sysctl(self.host.netns, f"net.ipv6.conf.{self.bridge}.accept_ra", "0")
+            except NslabError as exc:
+                if exc.errno != errno.ENOENT:   # IPv6 disabled: nothing to turn off
+                    raise
+            rtnl.request("addr", "add", index=index, address=str(self.gateway),
+                         prefixlen=self.subnet.prefixlen, broadcast=str(self.subnet.broadcast_address),
+                         obj=f"gateway {self.gateway} on {self.bridge}")
+            rtnl.set_up(index, self.bridge)
+        except BaseException:
+            rtnl.delete_link(ifname=self.bridge)
+            self.host.forget(self._record_key)
+            raise
+        return index
+
+    # --- containers -------------------------------------------------------------------
+    def attach(self, netns: Namespace, owner: str, *, address=None) -> Endpoint:
+        """Wire ``netns`` to this bridge as Docker wires a container; undo with detach()."""
+        if self._closed:
+            raise NslabError(errno.EBADF, f"network {self.name} is closed")
+        ip = self.ipam.allocate(owner, address)
+        interface = ipaddress.IPv4Interface(f"{ip}/{self.subnet.prefixlen}")
+        host_ifname = None
+        try:
+            host_ifname = self._create_veth(netns)
+            self._configure_inside(netns, interface)
+        except BaseException:
+            if host_ifname:
+                self.host.rtnl.delete_link(ifname=host_ifname)
+                self.host.forget(self._veth_keys.pop(host_ifname, None))
+            self.ipam.release(ip)
+            raise
+        endpoint = Endpoint(self.name, host_ifname, "eth0", interface, self.gateway, netns.identity, owner)
+        with self._lock:
+            self.endpoints[owner] = endpoint
+        return endpoint
+
+    def _create_veth(self, netns: Namespace) -> str:
+        for _ in range(8):
+            # Docker's naming: veth + 7 hex characters; a clash just means another draw.
+            name = "veth" + secrets.token_hex(4)[:7]
+            key = self.host.remember("link", ifname=name, master=self.bridge)
+            try:
+                self.host.rtnl.request(
+                    "link", "add", ifname=name, kind="veth", mtu=CONTAINER_MTU, master=self.index,
+                    state="up", peer={"ifname": "eth0", "net_ns_fd": netns.fileno(), "mtu": CONTAINER_MTU},
+                    obj=f"veth {name} (peer eth0 in {netns.description})")
+                self._veth_keys[name] = key
+                return name
+            except NslabError as exc:
+                self.host.forget(key)
+                if exc.errno == errno.EXFULL:
+                    raise _bridge_full(self) from None
+                if exc.errno != errno.EEXIST:
+                    raise
+        raise NslabError(errno.EEXIST, f"could not find a free veth name on {self.bridge}")
+
+    def _configure_inside(self, netns: Namespace, interface: ipaddress.IPv4Interface) -> None:
+        gateway = self.gateway
+
+        def inside() -> None:
+            sock = socket_in_current()
+            try:
+                index = link_index_raw(sock, "eth0")
+                send_batch(sock, [link_up("lo"), link_up("eth0"), address_add(index, interface, "eth0"),
+                                  default_route_add(gateway, index)], netns.description)
+            finally:
+                sock.close()
+            for path, value in CONTAINER_SYSCTLS.items():
+                with open("/proc/sys/" + path, "w") as f:
+                    f.write(value)
+        netns.call(inside)
+
+    def detach(self, owner: str) -> None:
+        """Remove a container's veth (its peer goes with it) and release its address. Idempotent."""
+        with self._lock:
+            endpoint = self.endpoints.pop(owner, None)
+        if endpoint is None:
+            return
+        try:
+            link = self.host.rtnl.link(ifname=endpoint.host_ifname)
+            # By identity: only the veth we named *and* enslaved to our bridge.
+            if link is not None and link.get_attr("IFLA_MASTER") in (self.index, None):
+                self.host.rtnl.request("link", "del", index=link["index"], obj=f"veth {endpoint.host_ifname}",
+                                       ignore=GONE)
+            self.host.forget(self._veth_keys.pop(endpoint.host_ifname, None))
+        finally:
+            self.ipam.release(endpoint.ip)
+
+    # --- ownership ----------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Detach every endpoint, delete the bridge, drop the IPAM state. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for owner in list(self.endpoints):
+                self.detach(owner)
+            if not self.host.rtnl.closed:
+                self.host.rtnl.request("link", "del", index=self.index, obj=f"bridge {self.bridge}", ignore=GONE)
+            self.host.forget(self._record_key)
+        finally:
+            self.ipam.close(remove=True)
+            self.host.forget(self._ipam_key)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self.endpoints)} endpoints"
+        return f"<BridgeNetwork {self.name} {self.bridge} {self.subnet} gw {self.gateway}: {state}>"
+
+
+def socket_in_current():
+    """A raw rtnetlink socket in the calling thread's netns (we are already inside)."""
+    import socket
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
+    sock.bind((0, 0))
+    return sock
+
+
+def _random_mac() -> str:
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFE) | 0x02     # unicast, locally administered
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def _bridge_full(net: BridgeNetwork) -> NslabError:
+    from .errors import ResourceExhaustedError
+    return ResourceExhaustedError(
+        errno.EXFULL, f"bridge {net.bridge} of network {net.name} is full: a Linux bridge holds at most "
+        "1024 ports (BR_MAX_PORTS)", syscall="netlink add link", obj=net.bridge,
+        hint="spread containers over several networks (lab.network(name)), as Docker users must")
