@@ -32,7 +32,7 @@ from ._netlink import Rtnl
 from .errors import InputError, NslabError, from_errno
 from .namespaces import Namespace
 
-__all__ = ["Host", "SandboxHost", "CurrentHost", "state_root", "read_sysctl", "write_sysctl"]
+__all__ = ["Host", "SandboxHost", "CurrentHost", "ExistingHost", "state_root", "read_sysctl", "write_sysctl"]
 
 T = TypeVar("T")
 
@@ -291,3 +291,36 @@ class CurrentHost(Host):
 
     def __repr__(self) -> str:
         return f"<CurrentHost netns {self.netns.inode}{' closed' if self.closed else ''}>"
+
+
+class ExistingHost(Host):
+    """A network namespace someone else made (a path like /run/netns/NAME, or a handle),
+    shared by several labs, possibly in several processes, through one state directory.
+
+    Its namespace outlives every lab, so what a lab makes in it is recorded for ``gc``.
+    Each lab must use its own bridge networks (names); IPAM and subnet choice are shared
+    and file-locked.
+    """
+
+    kind = "existing"
+    outlives_lab = True
+
+    def __init__(self, netns: "Namespace | str", state_dir: str):
+        if isinstance(netns, str):
+            netns = Namespace.open(netns, "net")
+        elif isinstance(netns, Namespace):
+            netns = Namespace.from_fd(netns.fileno(), "net")
+        else:
+            raise InputError("netns", "expected a Namespace or the path of a network namespace", netns)
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        super().__init__(netns, state_dir, restore_sysctls=True)
+        self.uplink = self.address = self.outside = None
+
+    def prepare_forwarding(self) -> None:
+        """Left as the namespace's owner set it."""
+
+    def outside_call(self, fn, *args, **kwargs):
+        raise NslabError(errno.EOPNOTSUPP, "an existing host has no simulated outside network")
+
+    def __repr__(self) -> str:
+        return f"<ExistingHost netns {self.netns.inode}{' closed' if self.closed else ''}>"
