@@ -173,7 +173,10 @@ class _Wiring:
         if mode.kind == "host":
             self.join, self.netns = [lab.host.netns], lab.host.netns
         elif mode.kind == "container":
-            self.join, self.netns = [plan["joined"].netns], plan["joined"].netns
+            # Our own handle: the netns must stay inspectable after its owner closes (Docker's
+            # caveat, moby#10462: the dependant lives on in a netns whose eth0 went away).
+            self.netns = Namespace.from_fd(plan["joined"].netns.fileno(), "net")
+            self.join = [self.netns]
         else:
             self.join, self.netns = [], None
         self._published_key = None
@@ -187,11 +190,13 @@ class _Wiring:
             _bring_up_lo(self.netns)
             return
         name = self.plan["name"]
-        self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name))
-        # Always, even with no ports: Docker adds DROP DIRECT ACCESS for every endpoint.
-        self._published_key = name
-        self.published = self.lab.firewall.publish(name, self.network.bridge, self.endpoint.ip,
-                                                   self.plan["mappings"], via=self.plan["via"])
+
+        def publish(address) -> None:
+            # Always, even with no ports: Docker adds DROP DIRECT ACCESS for every endpoint.
+            self._published_key = name
+            self.published = self.lab.firewall.publish(name, self.network.bridge, address,
+                                                       self.plan["mappings"], via=self.plan["via"])
+        self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name), alongside=publish)
 
     def undo(self) -> None:
         name = self.plan["name"]
@@ -301,6 +306,8 @@ class Lab:
                                 pass_fds=tuple(pass_fds), before_exec=wiring.before_exec)
         except BaseException:
             wiring.undo()
+            if wiring.netns is not None and plan["mode"].kind != "host":
+                wiring.netns.close()
             raise
         container = Container(self, plan["name"], plan["mode"], child, wiring.netns, wiring.endpoint,
                               wiring.published, [plan["warning"]] if plan["warning"] else [], plan["joined"])
@@ -322,7 +329,7 @@ class Lab:
                                  timeout=timeout, before_exec=wiring.before_exec, **kwargs)
         finally:
             wiring.undo()
-            if wiring.netns is not None and wiring.owns_netns:
+            if wiring.netns is not None and plan["mode"].kind != "host":
                 wiring.netns.close()
 
     def _plan(self, mode, name, publish, new, hostname, published_via, strict_publish) -> dict:
@@ -385,7 +392,7 @@ class Lab:
                      lambda: self._firewall is not None and self._firewall.unpublish(container.name),
                      lambda: container.endpoint is not None and
                      self.networks[container.endpoint.network].detach(self._owner(container.name)),
-                     lambda: container.mode.new_netns and container.netns.close()):
+                     lambda: container.mode.kind != "host" and container.netns.close()):
             try:
                 step()
             except BaseException as exc:  # noqa: BLE001 - finish teardown, then report

@@ -25,6 +25,7 @@ import ipaddress
 import re
 import secrets
 import threading
+from typing import Callable
 
 from . import ipam as _ipam
 from ._netlink import GONE, address_add, default_route_add, link_index_raw, link_up, send_batch
@@ -146,8 +147,14 @@ class BridgeNetwork:
         return index
 
     # --- containers -------------------------------------------------------------------
-    def attach(self, netns: Namespace, owner: str, *, address=None) -> Endpoint:
-        """Wire ``netns`` to this bridge as Docker wires a container; undo with detach()."""
+    def attach(self, netns: Namespace, owner: str, *, address=None,
+               alongside: "Callable[[ipaddress.IPv4Address], object] | None" = None) -> Endpoint:
+        """Wire ``netns`` to this bridge as Docker wires a container; undo with detach().
+
+        ``alongside(address)`` runs in the calling thread while the container side is being
+        configured on another (the firewall's batch overlaps it: ~0.3 ms of a 3 ms spawn).
+        If it raises, the attachment is undone and its error propagates.
+        """
         if self._closed:
             raise NslabError(errno.EBADF, f"network {self.name} is closed")
         ip = self.ipam.allocate(owner, address)
@@ -155,7 +162,12 @@ class BridgeNetwork:
         host_ifname = None
         try:
             host_ifname = self._create_veth(netns)
-            self._configure_inside(netns, interface)
+            configured = self._configure_inside(netns, interface)
+            try:
+                if alongside is not None:
+                    alongside(ip)
+            finally:
+                configured()
         except BaseException:
             if host_ifname:
                 self.host.rtnl.delete_link(ifname=host_ifname)
@@ -187,7 +199,8 @@ class BridgeNetwork:
                     raise
         raise NslabError(errno.EEXIST, f"could not find a free veth name on {self.bridge}")
 
-    def _configure_inside(self, netns: Namespace, interface: ipaddress.IPv4Interface) -> None:
+    def _configure_inside(self, netns: Namespace, interface: ipaddress.IPv4Interface) -> Callable[[], None]:
+        """Start configuring the container side; the returned function waits for it."""
         gateway = self.gateway
 
         def inside() -> None:
@@ -201,7 +214,7 @@ class BridgeNetwork:
             for path, value in CONTAINER_SYSCTLS.items():
                 with open("/proc/sys/" + path, "w") as f:
                     f.write(value)
-        netns.call(inside)
+        return netns.call_async(inside)
 
     def detach(self, owner: str) -> None:
         """Remove a container's veth (its peer goes with it) and release its address. Idempotent."""

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""How fast a child is *ready* in each network mode, and how that scales to 1,000 children.
+
+Ready = exec'd, with (bridge mode) eth0 addressed and routed inside and the host side
+enslaved to the bridge. All in one run, interleaved, on one sandbox host:
+
+* nslab bridge / none / container / host spawns (``Lab.spawn`` returns when the child has
+  exec'd: the trampoline's error pipe reached EOF);
+* the same bridge wiring as the sequence of ``ip`` commands an engineer would type
+  (netns add, veth with the peer born in the netns, master + up, lo up, eth0 up, address,
+  default route, then ``ip netns exec NS true``) — the baseline the ratio is against;
+* scale: 1,000 bridge children on one sandbox host, each proved reachable (a TCP connect
+  to a closed port answered by RST means the child's kernel answered), per-child setup cost
+  at 1,000 vs at 10, controller memory per child, and nothing left after teardown.
+
+Usage: ``sudo python3 benchmarks/bench_lab.py [--rounds 60] [--scale 1000] [--write-results]``
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import platform
+import resource
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from nslab import Lab  # noqa: E402
+from nslab.namespaces import Namespace, remove_persisted  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
+
+
+def pct(values, q):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def ms(v):
+    return f"{v * 1000:.2f}"
+
+
+def machine_facts() -> str:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, kernel {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+class IpSequence:
+    """The baseline: the same bridge wiring done with iproute2 commands (argv lists)."""
+
+    def __init__(self, lab: Lab):
+        self.run_dir_existed = os.path.isdir("/run/netns")
+        self.host_name = "nslabbench-" + secrets.token_hex(3)
+        lab.host.netns.persist(self.host_name)
+        self.net = lab.network()
+        self.ips = iter(range(200, 250))
+        self.n = 0
+
+    def ip(self, *args):
+        subprocess.run(["ip", *args], check=True)
+
+    def once(self) -> float:
+        self.n += 1
+        child = f"nslabbench-c{self.n}-{secrets.token_hex(2)}"
+        veth = "vethb" + secrets.token_hex(3)[:5]
+        addr = f"{self.net.subnet.network_address + 60000 + self.n}/{self.net.subnet.prefixlen}"
+        t0 = time.perf_counter()
+        self.ip("netns", "add", child)
+        self.ip("-n", self.host_name, "link", "add", veth, "mtu", "1500", "type", "veth",
+                "peer", "name", "eth0", "mtu", "1500", "netns", child)
+        self.ip("-n", self.host_name, "link", "set", veth, "master", self.net.bridge, "up")
+        self.ip("-n", child, "link", "set", "lo", "up")
+        self.ip("-n", child, "link", "set", "eth0", "up")
+        self.ip("-n", child, "addr", "add", addr, "dev", "eth0")
+        self.ip("-n", child, "route", "add", "default", "via", str(self.net.gateway))
+        self.ip("netns", "exec", child, "true")
+        elapsed = time.perf_counter() - t0
+        self.ip("-n", self.host_name, "link", "del", veth)
+        self.ip("netns", "del", child)
+        return elapsed
+
+    def close(self):
+        remove_persisted(self.host_name, missing_ok=True)
+        if not self.run_dir_existed and os.path.isdir("/run/netns") and not os.listdir("/run/netns"):
+            # iproute2 made /run/netns a shared bind mount of itself: undo exactly that.
+            from nslab import _native
+            try:
+                _native.umount2("/run/netns", _native.MNT_DETACH)
+            except OSError:
+                pass
+            os.rmdir("/run/netns")
+
+
+def bench_ready(rounds: int, batch: int = 5) -> dict:
+    """Spawn ``batch`` children per mode (each timed), then tear the batch down: creation is
+    measured without a netns teardown racing it. "bridge under churn" closes each child right
+    before the next spawn, so the kernel's asynchronous netns cleanup (cleanup_net, under
+    rtnl_lock: performance.md) competes with the next veth creation."""
+    samples = {"bridge": [], "none": [], "container": [], "host": [], "bridge under churn": [],
+               "ip commands": []}
+    with Lab() as lab:
+        owner = lab.spawn(["sleep", "600"], name="owner")  # noqa: F841 - the container: mode target
+        ipseq = IpSequence(lab)
+        try:
+            for _ in range(3):   # warm-up: imports, first bridge, caches
+                lab.spawn(["true"]).close()
+            for i in range(rounds):
+                for mode in ("bridge", "none", "container:owner", "host"):
+                    made = []
+                    for _ in range(batch):
+                        t0 = time.perf_counter()
+                        made.append(lab.spawn(["true"], mode=mode))
+                        samples[mode.split(":")[0]].append(time.perf_counter() - t0)
+                    for c in made:
+                        c.close()
+                t0 = time.perf_counter()
+                c = lab.spawn(["true"])
+                samples["bridge under churn"].append(time.perf_counter() - t0)
+                c.close()
+                if i % 2 == 0:   # the ip sequence is ~10x slower: fewer samples suffice
+                    samples["ip commands"].append(ipseq.once())
+        finally:
+            ipseq.close()
+    return samples
+
+
+def bench_scale(n: int) -> dict:
+    per_child = []
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with Lab() as lab:
+        lab.spawn(["true"]).close()
+        containers = []
+        t_all = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            containers.append(lab.spawn(["sleep", "600"]))
+            per_child.append(time.perf_counter() - t0)
+        setup_total = time.perf_counter() - t_all
+        rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+        def probe_all(addresses):
+            answered = 0
+            for addr in addresses:
+                s = socket.socket()
+                s.settimeout(1.0)
+                try:
+                    s.connect((str(addr), 9))
+                except ConnectionRefusedError:
+                    answered += 1          # RST: the child's own kernel answered
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            return answered
+        t0 = time.perf_counter()
+        answered = lab.host.call(probe_all, [c.address for c in containers])
+        probe_time = time.perf_counter() - t0
+        host_ns = lab.host.netns
+        t0 = time.perf_counter()
+        for c in containers:
+            c.close()
+        teardown = time.perf_counter() - t0
+        from nslab._netlink import Rtnl
+        with Rtnl(Namespace.from_fd(host_ns.fileno())) as rtnl:
+            left = [l.get_attr("IFLA_IFNAME") for l in rtnl.links() if l.get_attr("IFLA_IFNAME").startswith("veth")]
+    first10 = statistics.median(per_child[:10])
+    last10 = statistics.median(per_child[-10:])
+    return {"n": n, "setup_total": setup_total, "first10": first10, "last10": last10,
+            "ratio": last10 / first10, "answered": answered, "probe_time": probe_time,
+            "teardown": teardown, "veths_left": len(left),
+            "rss_per_child_kb": (rss1 - rss0) / n}
+
+
+def report(ready: dict, scale: dict | None) -> str:
+    base = statistics.median(ready["ip commands"])
+    lines = ["## Lab: child ready per mode", "", f"Machine: {machine_facts()}.", "",
+             "| mode | median ms | p99 ms | ratio to the `ip` sequence | samples |",
+             "|---|---|---|---|---|"]
+    for mode, vals in ready.items():
+        med = statistics.median(vals)
+        lines.append(f"| {mode} | {ms(med)} | {ms(pct(vals, 0.99))} | {med / base:.3f} | {len(vals)} |")
+    bridge = statistics.median(ready["bridge"])
+    lines += ["", f"Targets: bridge median ≤ 3 ms → **{ms(bridge)} ms** "
+              f"({'met' if bridge <= 0.003 else 'not met'}); ≤ 0.15 × the `ip` sequence → "
+              f"**{bridge / base:.3f}×** ({'met' if bridge / base <= 0.15 else 'not met'})."]
+    if scale:
+        lines += ["", f"### Scale: {scale['n']} bridge children on one sandbox host", "",
+                  f"- setup {scale['setup_total']:.2f} s in all; per child {ms(scale['first10'])} ms "
+                  f"(first 10) vs {ms(scale['last10'])} ms (last 10): **{scale['ratio']:.2f}×** (target ≤ 1.5×)",
+                  f"- reachable from the host (RST from the child's kernel): **{scale['answered']}/{scale['n']}** "
+                  f"in {scale['probe_time']:.2f} s",
+                  f"- teardown {scale['teardown']:.2f} s; veths left on the bridge: **{scale['veths_left']}**",
+                  f"- controller memory (max RSS growth) per child: {scale['rss_per_child_kb']:.1f} KiB"]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str, heading: str) -> None:
+    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n\n"
+    start = old.find(heading)
+    if start >= 0:
+        nxt = old.find("\n## ", start + len(heading))
+        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
+    with open(RESULTS, "w") as f:
+        f.write(old.rstrip() + "\n\n" + text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--scale", type=int, default=1000, help="children in the scale run (0: skip)")
+    parser.add_argument("--write-results", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (it creates namespaces and links, inside a sandbox host)", file=sys.stderr)
+        return errno.EPERM
+    ready = bench_ready(args.rounds)
+    scale = bench_scale(args.scale) if args.scale else None
+    text = report(ready, scale)
+    print(text)
+    if args.write_results:
+        write_section(text, "## Lab: child ready per mode")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

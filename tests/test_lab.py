@@ -1,0 +1,268 @@
+"""The four network modes against real kernel state, inside a sandbox host (root tier)."""
+import errno
+import ipaddress
+import os
+import re
+import socket
+
+import pytest
+
+from nslab import InputError, Lab
+from nslab._netlink import Rtnl, socket_in
+from nslab.hosts import read_sysctl
+from nslab.namespaces import Namespace
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def lab():
+    with Lab() as lab:
+        yield lab
+
+
+def links(ns):
+    """{name: link message} of a namespace, read through rtnetlink."""
+    with Rtnl(Namespace.from_fd(ns.fileno())) as rtnl:
+        return {l.get_attr("IFLA_IFNAME"): l for l in rtnl.links()}
+
+
+def proc_identity(pid, kind="net"):
+    st = os.stat(f"/proc/{pid}/ns/{kind}")
+    return (st.st_dev, st.st_ino)
+
+
+def connect_from(ns, address, port=9, timeout=1.0):
+    """Connect from inside ``ns``; returns 'open', 'refused' (RST: the peer's kernel answered)
+    or the errno name of the failure."""
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.settimeout(timeout)
+    try:
+        s.connect((str(address), port))
+        return "open"
+    except ConnectionRefusedError:
+        return "refused"
+    except socket.timeout:
+        return "timeout"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    finally:
+        s.close()
+
+
+def test_bridge_child_is_wired_like_docker(lab):
+    """A bridge child has its own netns with lo+eth0, an address from 172.17/16, a default route
+    via the gateway, Docker's sysctls, and a veth<7 hex> host side enslaved to nslab0."""
+    c = lab.spawn(["sleep", "30"])
+    assert proc_identity(c.pid) == c.netns.identity != lab.host.netns.identity
+    inside = links(c.netns)
+    assert set(inside) == {"lo", "eth0"}
+    eth0 = inside["eth0"]
+    assert eth0.get_attr("IFLA_MTU") == 1500 and eth0["flags"] & 1
+    assert inside["lo"]["flags"] & 1
+    net = lab.networks["bridge"]
+    assert net.bridge == "nslab0" and net.subnet == ipaddress.IPv4Network("172.17.0.0/16")
+    assert c.address == ipaddress.IPv4Address("172.17.0.2")
+    with Rtnl(Namespace.from_fd(c.netns.fileno())) as rtnl:
+        addrs = {(a.get_attr("IFA_LOCAL"), a["prefixlen"]) for a in rtnl.addresses()}
+        default = [r for r in rtnl.routes() if r["dst_len"] == 0]
+    assert ("172.17.0.2", 16) in addrs
+    assert default and default[0].get_attr("RTA_GATEWAY") == "172.17.0.1"
+    assert read_sysctl(c.netns, "net.ipv4.ip_unprivileged_port_start") == "0"
+    assert read_sysctl(c.netns, "net.ipv4.ping_group_range").split() == ["0", "2147483647"]
+    host = links(lab.host.netns)
+    veth = host[c.endpoint.host_ifname]
+    assert re.fullmatch(r"veth[0-9a-f]{7}", c.endpoint.host_ifname)
+    assert veth.get_attr("IFLA_MASTER") == host["nslab0"]["index"]
+    assert veth.get_attr("IFLA_MTU") == 1500
+    # The peer of the host side is eth0 in the child: the veth's IFLA_LINK is eth0's index.
+    assert veth.get_attr("IFLA_LINK") == eth0["index"]
+    assert read_sysctl(lab.host.netns, "net.ipv6.conf.nslab0.accept_ra") == "0"
+    assert read_sysctl(lab.host.netns, "net.ipv4.ip_forward") == "1"
+
+
+def test_bridge_children_reach_each_other_and_the_gateway(lab):
+    """Two bridge children and the gateway answer each other (RST from a closed port)."""
+    a = lab.spawn(["sleep", "30"])
+    b = lab.spawn(["sleep", "30"])
+    assert connect_from(a.netns, b.address) == "refused"
+    assert connect_from(b.netns, a.address) == "refused"
+    assert connect_from(a.netns, lab.networks["bridge"].gateway) == "refused"
+
+
+def test_two_children_bind_the_same_port(lab):
+    """Separate namespaces have separate port spaces: both bind :80 (C2)."""
+    a, b = lab.spawn(["sleep", "30"]), lab.spawn(["sleep", "30"])
+    socks = []
+    for c in (a, b):
+        s = socket_in(c.netns, socket.AF_INET, socket.SOCK_STREAM, 0)
+        s.bind(("0.0.0.0", 80))
+        socks.append(s)
+    for s in socks:
+        s.close()
+
+
+def test_none_child_has_only_lo_up_and_reaches_nothing(lab):
+    """none: a fresh netns with only lo, and lo is up; no route anywhere else."""
+    c = lab.spawn(["sleep", "30"], mode="none")
+    inside = links(c.netns)
+    assert set(inside) == {"lo"} and inside["lo"]["flags"] & 1
+    assert c.netns.identity == proc_identity(c.pid) != lab.host.netns.identity
+    assert connect_from(c.netns, lab.host.address) == "ENETUNREACH"
+    assert connect_from(c.netns, "127.0.0.1") == "refused"
+
+
+def test_host_child_shares_the_host_netns_and_view(lab):
+    """host: no new netns; the child's view of interfaces equals the host's."""
+    c = lab.spawn(["sleep", "30"], mode="host")
+    assert proc_identity(c.pid) == lab.host.netns.identity
+    assert lab.compare("host", c).verdict("net") == "shared"
+    assert lab.compare("host", c).verdict("interfaces") in ("same", "shared")
+
+
+def test_host_child_creates_no_interface(lab):
+    """A host-mode child adds no link to the host; a bridge child adds exactly one veth."""
+    lab.network()
+    before = set(links(lab.host.netns))
+    lab.spawn(["sleep", "30"], mode="host")
+    assert set(links(lab.host.netns)) == before
+    b = lab.spawn(["sleep", "30"])
+    assert set(links(lab.host.netns)) - before == {b.endpoint.host_ifname}
+
+
+def test_container_mode_shares_the_owner_netns(lab):
+    """container:X joins X's netns; when X goes, the dependant is told (no hang), and
+    joining a stopped container is refused."""
+    owner = lab.spawn(["sleep", "30"], name="owner")
+    dep = lab.spawn(["sleep", "30"], mode="container:owner")
+    assert proc_identity(dep.pid) == proc_identity(owner.pid)
+    assert dep.address == owner.address and dep.owner_alive
+    owner.close()
+    assert not dep.owner_alive
+    # Docker's caveat: the dependant keeps a netns whose eth0 went with its owner's endpoint.
+    assert set(links(dep.netns)) == {"lo"}
+    with pytest.raises(InputError, match="owner"):
+        lab.spawn(["true"], mode="container:owner")
+
+
+def test_container_mode_rejects_publish_and_hostname(lab):
+    """Docker's conflicting-options errors for container: mode, before anything starts."""
+    lab.spawn(["sleep", "30"], name="owner")
+    with pytest.raises(InputError, match="conflicting options: port publishing"):
+        lab.spawn(["true"], mode="container:owner", publish=["8080:80"])
+    with pytest.raises(InputError, match="conflicting options: hostname"):
+        lab.spawn(["true"], mode="container:owner", hostname="x")
+
+
+def test_two_bridge_networks_are_isolated(lab):
+    """Like Docker's, two bridge networks cannot reach each other; each reaches its own."""
+    a = lab.spawn(["sleep", "30"])
+    b = lab.spawn(["sleep", "30"], mode="other")
+    assert lab.networks["other"].subnet == ipaddress.IPv4Network("172.18.0.0/16")
+    assert connect_from(a.netns, b.address, timeout=0.5) in ("timeout", "EHOSTUNREACH", "ECONNREFUSED")
+    assert connect_from(b.netns, a.address, timeout=0.5) in ("timeout", "EHOSTUNREACH", "ECONNREFUSED")
+    c = lab.spawn(["sleep", "30"], mode="other")
+    assert connect_from(b.netns, c.address) == "refused"
+
+
+def test_subnet_skips_pools_on_host_routes(lab):
+    """A docker0 on the host (an on-link 172.17/16 route) pushes nslab's pool to 172.18/16."""
+    lab.host.rtnl.request("link", "add", ifname="docker0", kind="bridge", obj="fake docker0")
+    idx = lab.host.rtnl.link_index("docker0")
+    lab.host.rtnl.request("addr", "add", index=idx, address="172.17.0.1", prefixlen=16, obj="docker0 addr")
+    lab.host.rtnl.set_up(idx)
+    assert lab.network().subnet == ipaddress.IPv4Network("172.18.0.0/16")
+
+
+def test_close_removes_veth_and_releases_the_address(lab):
+    """Closing a child removes its host-side veth and frees its address for the next one."""
+    c = lab.spawn(["sleep", "30"])
+    name, addr = c.endpoint.host_ifname, c.address
+    c.close()
+    c.close()  # idempotent
+    assert name not in links(lab.host.netns)
+    assert lab.spawn(["sleep", "30"]).address == addr
+
+
+def test_teardown_after_child_killed_underneath(lab):
+    """A child SIGKILLed behind the lab's back still tears down cleanly."""
+    c = lab.spawn(["sleep", "30"])
+    os.kill(c.pid, 9)
+    c.wait(5)
+    name = c.endpoint.host_ifname
+    c.close()
+    assert name not in links(lab.host.netns)
+
+
+def my_netns():
+    st = os.stat("/proc/self/ns/net")
+    return (st.st_dev, st.st_ino)
+
+
+def test_run_a_callable_in_each_mode(lab):
+    """lab.run returns the child's result: its netns identity differs or not per mode."""
+    assert lab.run(my_netns, mode="host") == lab.host.netns.identity
+    assert lab.run(my_netns, mode="bridge") != lab.host.netns.identity
+    assert lab.run(my_netns, mode="none") != lab.host.netns.identity
+    with pytest.raises(ZeroDivisionError):
+        lab.run(divmod, 1, 0)
+    assert lab.networks["bridge"].endpoints == {}
+
+
+def test_publish_is_discarded_in_host_mode(lab):
+    """Docker's exact warning; the child still starts."""
+    with pytest.warns(UserWarning, match="Published ports are discarded when using host network mode"):
+        c = lab.spawn(["sleep", "30"], mode="host", publish=["8080:80"])
+    assert c.published == [] and c.warnings
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"mode": "bridgee:x"}, "mode"),
+    ({"mode": "container:"}, "mode"),
+    ({"mode": "container:no such"}, "mode"),
+    ({"mode": "container:ghost"}, "mode"),
+    ({"mode": 7}, "mode"),
+    ({"name": "a/b"}, "name"),
+    ({"name": "x" * 65}, "name"),
+    ({"hostname": "-bad"}, "hostname"),
+    ({"new": ("net",)}, "new"),
+    ({"new": ("bogus",)}, "namespace kind"),
+    ({"publish": ["99999:80"]}, "publish"),
+])
+def test_bad_input_changes_nothing(lab, kwargs, field):
+    """Each bad argument is an InputError naming the field, before any link appears."""
+    lab.network()
+    before = set(links(lab.host.netns))
+    with pytest.raises(InputError) as info:
+        lab.spawn(["sleep", "1"], **kwargs)
+    assert field in str(info.value)
+    assert set(links(lab.host.netns)) == before
+
+
+@pytest.mark.parametrize("subnet", ["172.20.0.1/16", "10.0.0.0/31", "198.51.100.0/25", "fd00::/64", "nonsense"])
+def test_bad_subnet_is_refused_before_any_change(lab, subnet):
+    """Host bits, too small, overlapping the host's routes, not IPv4: InputError('subnet')."""
+    before = set(links(lab.host.netns))
+    with pytest.raises(InputError, match="subnet"):
+        lab.network("n1", subnet=subnet)
+    assert set(links(lab.host.netns)) == before
+
+
+@pytest.mark.parametrize("argv", [[], "sleep 1", ["sleep", "1\0"], [b"sleep"], None])
+def test_bad_argv_is_refused(lab, argv):
+    """argv is a non-empty list of str without NUL: no shell, ever."""
+    with pytest.raises(InputError, match="argv"):
+        lab.spawn(argv)
+
+
+def test_lab_close_is_idempotent_and_leaves_no_state_dir():
+    """Closing twice is fine; the sandbox's private state dir is gone afterwards."""
+    lab = Lab()
+    c = lab.spawn(["sleep", "30"])
+    state_dir = lab.host.state_dir
+    assert os.path.isdir(state_dir)
+    lab.close()
+    lab.close()
+    assert not os.path.exists(state_dir)
+    assert c.closed and c.child.returncode is not None
+    assert not os.path.exists(lab.record.path)
