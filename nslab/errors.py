@@ -136,14 +136,16 @@ def privilege_hint() -> str:
         return ("running as root, so a security module or a missing capability refused it "
                 "(inside a container? it needs CAP_SYS_ADMIN and CAP_NET_ADMIN)")
     if _read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
-        return ("nslab needs root: run with sudo. Unprivileged user namespaces are restricted "
-                "by AppArmor here (Ubuntu 24.04 default): "
-                "sysctl kernel.apparmor_restrict_unprivileged_userns shows it, "
-                "and setting it to 0 lifts it")
+        return ("nslab needs root: run with sudo. Running rootless (unshare -Urn) is blocked "
+                "here: AppArmor restricts unprivileged user namespaces (Ubuntu 24.04 default; "
+                "`sysctl kernel.apparmor_restrict_unprivileged_userns` shows 1, and "
+                "`sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0` lifts it)")
     if _read_sysctl("/proc/sys/kernel/unprivileged_userns_clone") == "0":
         return ("nslab needs root: run with sudo, or enable unprivileged user namespaces "
-                "(sysctl kernel.unprivileged_userns_clone=1)")
-    return "nslab needs root (run with sudo), or must run inside a user namespace it created"
+                "(sysctl kernel.unprivileged_userns_clone=1) and run rootless: "
+                "unshare -Urn python3 your_script.py")
+    return ("nslab needs root: run with sudo, or rootless inside a user and network namespace "
+            "of your own: unshare -Urn python3 your_script.py")
 
 
 def from_errno(err: int, syscall: str, obj: str | None = None, hint: str | None = None) -> NslabError:

@@ -31,6 +31,7 @@ from typing import Callable, TypeVar
 from ._netlink import Rtnl
 from .errors import InputError, NslabError, from_errno
 from .namespaces import Namespace
+from ._faults import checkpoint
 
 __all__ = ["Host", "SandboxHost", "CurrentHost", "ExistingHost", "state_root", "read_sysctl", "write_sysctl"]
 
@@ -51,8 +52,9 @@ def scratch_root() -> str:
 
 
 def state_root() -> str:
-    """Where nslab keeps records: /run/nslab as root, else the user's runtime dir."""
-    if os.geteuid() == 0:
+    """Where nslab keeps records: /run/nslab as root, else the user's runtime dir. (By what
+    is writable, not by euid: inside a user namespace euid is 0 but /run is not ours.)"""
+    if os.geteuid() == 0 and (os.access("/run/nslab", os.W_OK) or os.access("/run", os.W_OK)):
         return "/run/nslab"
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     return os.path.join(base, f"nslab-{os.getuid()}")
@@ -139,12 +141,14 @@ class Host:
                 self._saved_sysctls[name] = old
                 self._sysctl_keys[name] = self.remember("sysctl", name=name, old=old)
             write_sysctl(self.netns, name, value)
+            checkpoint("host.sysctl")
 
     def restore_sysctl(self, name: str) -> None:
         with self._lock:
             old = self._saved_sysctls.pop(name, None)
             if old is not None:
                 write_sysctl(self.netns, name, old)
+                checkpoint("host.sysctl_restored")
                 self.forget(self._sysctl_keys.pop(name, None))
 
     @property
@@ -190,13 +194,17 @@ class SandboxHost(Host):
         os.makedirs(scratch_root(), mode=0o700, exist_ok=True)
         if state_dir is None:
             state_dir = tempfile.mkdtemp(prefix="sandbox-", dir=scratch_root())
+            checkpoint("sandbox.tmpdir")
         else:
             os.makedirs(state_dir, mode=0o700)
+            checkpoint("sandbox.dir")
         self._created_dir = state_dir
         netns = outside = None
         try:
             netns = Namespace.create("net")
+            checkpoint("sandbox.netns")
             outside = Namespace.create("net")
+            checkpoint("sandbox.outside")
             super().__init__(netns, state_dir, restore_sysctls=False)
             self.outside = outside
             self.outside_rtnl = Rtnl(outside)
@@ -216,6 +224,7 @@ class SandboxHost(Host):
         # The outside end is born in the outside namespace: never moved (kernel-notes).
         self.rtnl.request("link", "add", ifname="eth0", kind="veth",
                           peer={"ifname": "eth0", "net_ns_fd": self.outside.fileno()}, obj="uplink veth eth0")
+        checkpoint("sandbox.uplink")
         for ns, addr, gw in ((self.netns, UPLINK_ADDRESS, OUTSIDE_ADDRESS.ip), (self.outside, OUTSIDE_ADDRESS, None)):
             sock = socket_in(ns)
             try:
@@ -225,6 +234,7 @@ class SandboxHost(Host):
                 if gw is not None:
                     requests.append(default_route_add(gw, index))
                 send_batch(sock, requests, ns.description)
+                checkpoint("sandbox.uplink_config")
             finally:
                 sock.close()
         # The sandbox is a router for its bridges, as Docker makes the host one.
@@ -241,6 +251,7 @@ class SandboxHost(Host):
         if self._created_dir:
             import shutil
             shutil.rmtree(self._created_dir, ignore_errors=True)
+            checkpoint("sandbox.dir_removed")
             self._created_dir = None
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, TypeVar
 
 from . import _native
 from .errors import InputError, NslabError, from_errno
+from ._faults import checkpoint
 
 __all__ = ["NamespaceKind", "KINDS", "kind_of", "Namespace", "remove_persisted", "NETNS_RUN_DIR"]
 
@@ -230,6 +231,12 @@ class Namespace:
                              f"{self.kind.name} namespace (setns: EINVAL); run a child in it",
                              self.kind.name)
         saved = Namespace.current(self.kind)
+        if saved == self:
+            # Already there: no setns, which would need CAP_SYS_ADMIN over the namespace's
+            # owner even to "enter" our own (it fails in a rootless lab's inherited uts ns).
+            saved.close()
+            yield self
+            return
         try:
             _native.setns(self.fileno(), self.kind.flag, self.description)
             try:
@@ -270,11 +277,13 @@ class Namespace:
                 _make_shared_mount(run_dir)
             try:
                 os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+                checkpoint("netns.name_file")
             except FileExistsError:
                 raise from_errno(errno.EEXIST, "open(O_CREAT|O_EXCL)", f"netns name {path}",
                                  hint="pick another name, or remove_persisted() the old one") from None
             try:
                 _native.mount(f"/proc/self/fd/{self.fileno()}", path, None, _native.MS_BIND)
+                checkpoint("netns.persisted")
             except BaseException:
                 os.unlink(path)
                 raise
@@ -316,6 +325,7 @@ def remove_persisted(name: str, run_dir: str = NETNS_RUN_DIR, missing_ok: bool =
     path = os.path.join(run_dir, name)
     try:
         _native.umount2(path, _native.MNT_DETACH)
+        checkpoint("netns.unmounted")
     except NslabError as exc:
         # EINVAL: not a mount point (a half-made entry); ENOENT: already gone.
         if exc.errno == errno.ENOENT and missing_ok:

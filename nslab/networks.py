@@ -32,16 +32,34 @@ from ._netlink import GONE, address_add, default_route_add, link_index_raw, link
 from .errors import InputError, NslabError
 from .hosts import Host, write_sysctl
 from .namespaces import Namespace
+from ._faults import checkpoint
 
 __all__ = ["BridgeNetwork", "Endpoint", "check_network_name", "DEFAULT_BRIDGE", "CONTAINER_MTU",
            "CONTAINER_SYSCTLS"]
 
 DEFAULT_BRIDGE = "nslab0"          # Docker's is docker0: a different name never collides with it
 CONTAINER_MTU = 1500
+
+
+def _ping_group_range() -> str:
+    """Docker allows every group to ping (``0 2147483647``). Inside a user namespace the
+    kernel takes only mapped gids (EINVAL otherwise), so there it is the mapped range, as
+    rootless Docker (RootlessKit) does."""
+    try:
+        with open("/proc/self/gid_map") as f:
+            spans = [tuple(map(int, line.split())) for line in f if line.strip()]
+    except OSError:
+        spans = []
+    if not spans or spans == [(0, 0, 4294967295)]:
+        return "0 2147483647"
+    top = max(inside + count - 1 for inside, _, count in spans)
+    return f"0 {min(top, 2147483647)}"
+
+
 # What Docker sets inside every *private* netns it creates (docker-behaviors.md, bridge #4).
 CONTAINER_SYSCTLS = {
     "net/ipv4/ip_unprivileged_port_start": "0",
-    "net/ipv4/ping_group_range": "0 2147483647",
+    "net/ipv4/ping_group_range": _ping_group_range(),
 }
 MAX_IFNAME = 15                    # IFNAMSIZ - 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -104,6 +122,7 @@ class BridgeNetwork:
             _ipam.validate_subnet(subnet, "subnet", avoid=avoid)   # InputError before any change
         # Choice and creation under one directory-wide lock: process-safe on a shared state dir.
         self.ipam = _ipam.Ipam.for_network(host.state_dir, self.name, avoid=avoid, subnet=subnet)
+        checkpoint("network.ipam")
         self.subnet = self.ipam.subnet
         self.gateway = self.ipam.gateway
         self.host = host
@@ -127,19 +146,24 @@ class BridgeNetwork:
         self._record_key = self.host.remember("link", ifname=self.bridge, alias=alias)
         rtnl.request("link", "add", ifname=self.bridge, kind="bridge", address=mac,
                      obj=f"bridge {self.bridge}")
+        checkpoint("network.bridge")
         try:
             index = rtnl.link_index(self.bridge)
             # The alias tags the bridge as nslab's, so gc finds it by tag rather than by name.
             rtnl.request("link", "set", index=index, ifalias=alias, obj=f"bridge {self.bridge}")
+            checkpoint("network.alias")
             try:
                 write_sysctl(self.host.netns, f"net.ipv6.conf.{self.bridge}.accept_ra", "0")
+                checkpoint("network.accept_ra")
             except NslabError as exc:
                 if exc.errno != errno.ENOENT:   # IPv6 disabled: nothing to turn off
                     raise
             rtnl.request("addr", "add", index=index, address=str(self.gateway),
                          prefixlen=self.subnet.prefixlen, broadcast=str(self.subnet.broadcast_address),
                          obj=f"gateway {self.gateway} on {self.bridge}")
+            checkpoint("network.gateway")
             rtnl.set_up(index, self.bridge)
+            checkpoint("network.up")
         except BaseException:
             rtnl.delete_link(ifname=self.bridge)
             self.host.forget(self._record_key)
@@ -158,6 +182,7 @@ class BridgeNetwork:
         if self._closed:
             raise NslabError(errno.EBADF, f"network {self.name} is closed")
         ip = self.ipam.allocate(owner, address)
+        checkpoint("endpoint.address")
         interface = ipaddress.IPv4Interface(f"{ip}/{self.subnet.prefixlen}")
         host_ifname = None
         try:
@@ -168,6 +193,7 @@ class BridgeNetwork:
                     alongside(ip)
             finally:
                 configured()
+                checkpoint("endpoint.inside")
         except BaseException:
             if host_ifname:
                 self.host.rtnl.delete_link(ifname=host_ifname)
@@ -190,6 +216,7 @@ class BridgeNetwork:
                     state="up", peer={"ifname": "eth0", "net_ns_fd": netns.fileno(), "mtu": CONTAINER_MTU},
                     obj=f"veth {name} (peer eth0 in {netns.description})")
                 self._veth_keys[name] = key
+                checkpoint("endpoint.veth")
                 return name
             except NslabError as exc:
                 self.host.forget(key)
@@ -228,9 +255,11 @@ class BridgeNetwork:
             if link is not None and link.get_attr("IFLA_MASTER") in (self.index, None):
                 self.host.rtnl.request("link", "del", index=link["index"], obj=f"veth {endpoint.host_ifname}",
                                        ignore=GONE)
+                checkpoint("endpoint.veth_deleted")
             self.host.forget(self._veth_keys.pop(endpoint.host_ifname, None))
         finally:
             self.ipam.release(endpoint.ip)
+            checkpoint("endpoint.released")
 
     # --- ownership ----------------------------------------------------------------------
     @property
@@ -247,6 +276,7 @@ class BridgeNetwork:
                 self.detach(owner)
             if not self.host.rtnl.closed:
                 self.host.rtnl.request("link", "del", index=self.index, obj=f"bridge {self.bridge}", ignore=GONE)
+                checkpoint("network.bridge_deleted")
             self.host.forget(self._record_key)
         finally:
             self.ipam.close(remove=True)
