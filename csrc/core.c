@@ -29,7 +29,8 @@ int nslab_pidfd_open(int pid, unsigned int flags)
 
 /* NS_GET_USERNS / NS_GET_PARENT return a new fd; NS_GET_NSTYPE returns a CLONE_NEW* value;
  * PIDFD_GET_*_NAMESPACE on a pidfd returns a new nsfs fd. */
-int nslab_ns_ioctl(int fd, unsigned long request) { return neg_errno(ioctl(fd, request)); }
+/* The third argument must be 0: pidfs rejects PIDFD_GET_*_NAMESPACE with anything else (EINVAL). */
+int nslab_ns_ioctl(int fd, unsigned long request) { return neg_errno(ioctl(fd, request, 0)); }
 
 int nslab_ns_get_owner_uid(int fd, unsigned int *uid)
 {

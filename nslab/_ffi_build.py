@@ -8,14 +8,14 @@ import pathlib
 from cffi import FFI
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
-CDEFS = ["core.cdef"]
-SOURCES = ["core.c"]
+CDEFS = ["core.cdef", "spawn.cdef"]
+SOURCES = ["core.c", "spawn.c"]
 
 ffi = FFI()
 ffi.cdef("\n".join((CSRC / h).read_text() for h in CDEFS))
 ffi.set_source(
     "nslab._core",
-    '#include "core.h"\n',
+    '#include "core.h"\n#include "spawn.h"\n',
     # Relative paths: setuptools runs builders from the project root and refuses absolute ones.
     sources=["csrc/" + s for s in SOURCES],
     include_dirs=["csrc"],

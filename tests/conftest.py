@@ -9,9 +9,23 @@ IS_ROOT = os.geteuid() == 0
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def _userns_usable() -> bool:
+    import shutil
+    import subprocess
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-Urn", "true"], capture_output=True).returncode == 0
+
+
 def pytest_collection_modifyitems(config, items):
     wants_slow = "slow" in (config.getoption("-m") or "")
+    userns = None
     for item in items:
+        if "userns" in item.keywords:
+            userns = _userns_usable() if userns is None else userns
+            if not userns:
+                item.add_marker(pytest.mark.skip(reason="unprivileged user namespaces are not usable here "
+                                                 "(see nslab.errors.privilege_hint())"))
         if "root" in item.keywords and not IS_ROOT:
             item.add_marker(pytest.mark.skip(reason="needs root: run the suite with sudo"))
         if "slow" in item.keywords and not wants_slow:

@@ -12,7 +12,6 @@ from nslab._netlink import Rtnl, socket_in
 from nslab.hosts import read_sysctl
 from nslab.namespaces import Namespace
 
-pytestmark = pytest.mark.root
 
 
 @pytest.fixture
@@ -50,6 +49,7 @@ def connect_from(ns, address, port=9, timeout=1.0):
         s.close()
 
 
+@pytest.mark.root
 def test_bridge_child_is_wired_like_docker(lab):
     """A bridge child has its own netns with lo+eth0, an address from 172.17/16, a default route
     via the gateway, Docker's sysctls, and a veth<7 hex> host side enslaved to nslab0."""
@@ -81,6 +81,7 @@ def test_bridge_child_is_wired_like_docker(lab):
     assert read_sysctl(lab.host.netns, "net.ipv4.ip_forward") == "1"
 
 
+@pytest.mark.root
 def test_bridge_children_reach_each_other_and_the_gateway(lab):
     """Two bridge children and the gateway answer each other (RST from a closed port)."""
     a = lab.spawn(["sleep", "30"])
@@ -90,6 +91,7 @@ def test_bridge_children_reach_each_other_and_the_gateway(lab):
     assert connect_from(a.netns, lab.networks["bridge"].gateway) == "refused"
 
 
+@pytest.mark.root
 def test_two_children_bind_the_same_port(lab):
     """Separate namespaces have separate port spaces: both bind :80 (C2)."""
     a, b = lab.spawn(["sleep", "30"]), lab.spawn(["sleep", "30"])
@@ -102,6 +104,7 @@ def test_two_children_bind_the_same_port(lab):
         s.close()
 
 
+@pytest.mark.root
 def test_none_child_has_only_lo_up_and_reaches_nothing(lab):
     """none: a fresh netns with only lo, and lo is up; no route anywhere else."""
     c = lab.spawn(["sleep", "30"], mode="none")
@@ -112,6 +115,7 @@ def test_none_child_has_only_lo_up_and_reaches_nothing(lab):
     assert connect_from(c.netns, "127.0.0.1") == "refused"
 
 
+@pytest.mark.root
 def test_host_child_shares_the_host_netns_and_view(lab):
     """host: no new netns; the child's view of interfaces equals the host's."""
     c = lab.spawn(["sleep", "30"], mode="host")
@@ -120,6 +124,7 @@ def test_host_child_shares_the_host_netns_and_view(lab):
     assert lab.compare("host", c).verdict("interfaces") in ("same", "shared")
 
 
+@pytest.mark.root
 def test_host_child_creates_no_interface(lab):
     """A host-mode child adds no link to the host; a bridge child adds exactly one veth."""
     lab.network()
@@ -130,6 +135,7 @@ def test_host_child_creates_no_interface(lab):
     assert set(links(lab.host.netns)) - before == {b.endpoint.host_ifname}
 
 
+@pytest.mark.root
 def test_container_mode_shares_the_owner_netns(lab):
     """container:X joins X's netns; when X goes, the dependant is told (no hang), and
     joining a stopped container is refused."""
@@ -145,6 +151,7 @@ def test_container_mode_shares_the_owner_netns(lab):
         lab.spawn(["true"], mode="container:owner")
 
 
+@pytest.mark.root
 def test_container_mode_rejects_publish_and_hostname(lab):
     """Docker's conflicting-options errors for container: mode, before anything starts."""
     lab.spawn(["sleep", "30"], name="owner")
@@ -154,6 +161,7 @@ def test_container_mode_rejects_publish_and_hostname(lab):
         lab.spawn(["true"], mode="container:owner", hostname="x")
 
 
+@pytest.mark.root
 def test_two_bridge_networks_are_isolated(lab):
     """Like Docker's, two bridge networks cannot reach each other; each reaches its own."""
     a = lab.spawn(["sleep", "30"])
@@ -165,6 +173,7 @@ def test_two_bridge_networks_are_isolated(lab):
     assert connect_from(b.netns, c.address) == "refused"
 
 
+@pytest.mark.root
 def test_subnet_skips_pools_on_host_routes(lab):
     """A docker0 on the host (an on-link 172.17/16 route) pushes nslab's pool to 172.18/16."""
     lab.host.rtnl.request("link", "add", ifname="docker0", kind="bridge", obj="fake docker0")
@@ -174,6 +183,7 @@ def test_subnet_skips_pools_on_host_routes(lab):
     assert lab.network().subnet == ipaddress.IPv4Network("172.18.0.0/16")
 
 
+@pytest.mark.root
 def test_close_removes_veth_and_releases_the_address(lab):
     """Closing a child removes its host-side veth and frees its address for the next one."""
     c = lab.spawn(["sleep", "30"])
@@ -184,6 +194,7 @@ def test_close_removes_veth_and_releases_the_address(lab):
     assert lab.spawn(["sleep", "30"]).address == addr
 
 
+@pytest.mark.root
 def test_teardown_after_child_killed_underneath(lab):
     """A child SIGKILLed behind the lab's back still tears down cleanly."""
     c = lab.spawn(["sleep", "30"])
@@ -199,6 +210,7 @@ def my_netns():
     return (st.st_dev, st.st_ino)
 
 
+@pytest.mark.root
 def test_run_a_callable_in_each_mode(lab):
     """lab.run returns the child's result: its netns identity differs or not per mode."""
     assert lab.run(my_netns, mode="host") == lab.host.netns.identity
@@ -209,6 +221,7 @@ def test_run_a_callable_in_each_mode(lab):
     assert lab.networks["bridge"].endpoints == {}
 
 
+@pytest.mark.root
 def test_publish_is_discarded_in_host_mode(lab):
     """Docker's exact warning; the child still starts."""
     with pytest.warns(UserWarning, match="Published ports are discarded when using host network mode"):
@@ -216,6 +229,7 @@ def test_publish_is_discarded_in_host_mode(lab):
     assert c.published == [] and c.warnings
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("kwargs, field", [
     ({"mode": "bridgee:x"}, "mode"),
     ({"mode": "container:"}, "mode"),
@@ -239,6 +253,7 @@ def test_bad_input_changes_nothing(lab, kwargs, field):
     assert set(links(lab.host.netns)) == before
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("subnet", ["172.20.0.1/16", "10.0.0.0/31", "198.51.100.0/25", "fd00::/64", "nonsense"])
 def test_bad_subnet_is_refused_before_any_change(lab, subnet):
     """Host bits, too small, overlapping the host's routes, not IPv4: InputError('subnet')."""
@@ -248,6 +263,7 @@ def test_bad_subnet_is_refused_before_any_change(lab, subnet):
     assert set(links(lab.host.netns)) == before
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("argv", [[], "sleep 1", ["sleep", "1\0"], [b"sleep"], None])
 def test_bad_argv_is_refused(lab, argv):
     """argv is a non-empty list of str without NUL: no shell, ever."""
@@ -255,6 +271,7 @@ def test_bad_argv_is_refused(lab, argv):
         lab.spawn(argv)
 
 
+@pytest.mark.root
 def test_lab_close_is_idempotent_and_leaves_no_state_dir():
     """Closing twice is fine; the sandbox's private state dir is gone afterwards."""
     lab = Lab()
@@ -266,3 +283,35 @@ def test_lab_close_is_idempotent_and_leaves_no_state_dir():
     assert not os.path.exists(state_dir)
     assert c.closed and c.child.returncode is not None
     assert not os.path.exists(lab.record.path)
+
+
+ROOTLESS_SCRIPT = """
+import socket, sys, time
+import nslab
+with nslab.Lab() as lab:
+    web = lab.spawn([sys.executable, "-m", "http.server", "80"], publish=["8080:80"], stdout=-3, stderr=-3)
+    top = lab.spawn(["sleep", "5"], mode="host")
+    assert lab.compare(web, top).verdict("net") == "differs"
+    def get():
+        for _ in range(50):
+            try:
+                s = socket.create_connection((str(lab.host.address), 8080), timeout=2)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        return s.recv(12)
+    print(lab.host.outside_call(get).decode())
+"""
+
+
+@pytest.mark.userns
+def test_rootless_lab_in_a_user_namespace():
+    """Inside `unshare -Urn` a whole lab works: bridge, host mode, and a published port
+    reached from the simulated outside."""
+    import subprocess
+    import sys
+    out = subprocess.run(["unshare", "-Urn", sys.executable, "-c", ROOTLESS_SCRIPT],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("HTTP/1.0 200")
