@@ -475,6 +475,20 @@ class Child:
 
 
 # --- running a Python callable in a fresh child -------------------------------------------
+def pickle_call(fn: Callable[..., Any], args: tuple, kwargs: dict) -> bytes:
+    """Pickle a call for a fresh interpreter, or raise InputError naming ``fn``.
+
+    ``fn`` travels by reference (module + qualified name), so lambdas and nested functions
+    cannot: the same rule as multiprocessing's ``spawn`` start method.
+    """
+    try:
+        return pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise InputError("fn", "the callable and its arguments must be picklable: use a function "
+                         f"defined at the top level of a module ({exc})",
+                         getattr(fn, "__qualname__", fn)) from None
+
+
 def call_in_child(fn: Callable[..., T], *args: Any,
                   new: Iterable["str | NamespaceKind"] = ("net",),
                   join: "Iterable[Namespace] | Mapping[str, Namespace]" = (),
@@ -505,7 +519,7 @@ def call_in_child(fn: Callable[..., T], *args: Any,
         raise RuntimeError("call_in_child() was called while the child was importing the main "
                            "module: guard the caller with `if __name__ == '__main__':`")
     deadline = None if timeout is None else time.monotonic() + timeout
-    payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    payload = pickle_call(fn, args, kwargs)
     prep = _preparation_data(needs_main=b"__main__" in payload)
     message = pickle.dumps(prep, protocol=pickle.HIGHEST_PROTOCOL) + payload
 

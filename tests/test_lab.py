@@ -218,6 +218,8 @@ def test_run_a_callable_in_each_mode(lab):
     assert lab.run(my_netns, mode="none") != lab.host.netns.identity
     with pytest.raises(ZeroDivisionError):
         lab.run(divmod, 1, 0)
+    with pytest.raises(InputError, match="fn"):
+        lab.run(lambda: 1)
     assert lab.networks["bridge"].endpoints == {}
 
 
