@@ -1,0 +1,702 @@
+"""Publishing, egress NAT and the bridge firewall, end to end with real traffic, as root.
+
+The sandbox (built here with Namespace.create + rtnetlink; no process, nothing named):
+
+    outside (203.0.113.2) ── uplink ──┐              ┌── nslab0 172.17.0.1/16 ── c1 172.17.0.2
+                                      │  host netns  │                       └── c2 172.17.0.3
+    neighbour (198.51.100.2) ─ uplink2┘ ip_forward=1 └── nslab1 172.18.0.1/16 ── c3 172.18.0.2
+
+Servers in the children answer each connection with the peer address they see, so a test
+can tell DNAT (client address kept) from the proxy (the host's bridge address). Dropped
+traffic is detected with short timeouts. The ruleset is read back with the real ``nft``
+(``nsenter --net=/proc/self/fd/N``: no bind mount, nothing left behind) and compared with
+``tests/golden/*.json``; regenerate those with ``NSLAB_UPDATE_GOLDEN=1 pytest -k golden``.
+"""
+import contextlib
+import ipaddress
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from nslab import _nft
+from nslab._netlink import Rtnl, socket_in
+from nslab.errors import InputError, PortAllocatedError
+from nslab.firewall import Firewall, find_port_holder
+from nslab.namespaces import Namespace
+from nslab.proxy import UserlandProxy
+from nslab.publish import PortMapping
+
+pytestmark = pytest.mark.root
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+UPDATE_GOLDEN = os.environ.get("NSLAB_UPDATE_GOLDEN") == "1"
+HOST_UPLINK, OUTSIDE = "203.0.113.1", "203.0.113.2"
+NEIGHBOUR_GW, NEIGHBOUR = "198.51.100.1", "198.51.100.2"
+C1, C2, C3 = "172.17.0.2", "172.17.0.3", "172.18.0.2"
+GW0, GW1 = "172.17.0.1", "172.18.0.1"
+DROP_TIMEOUT = 0.4
+
+
+# --- the sandbox -------------------------------------------------------------------------------
+def write_sysctl(ns, path, value):
+    def write():
+        with open(f"/proc/sys/{path}", "w") as f:
+            f.write(value)
+    ns.call(write)
+
+
+def read_sysctl(ns, path):
+    def read():
+        with open(f"/proc/sys/{path}") as f:
+            return f.read().strip()
+    return ns.call(read)
+
+
+class Sandbox:
+    """The namespaces and links of the drawing above; close() drops every fd (and so all)."""
+
+    def __init__(self):
+        self.host = Namespace.create("net")
+        self.outside = Namespace.create("net")
+        self.neighbour = Namespace.create("net")
+        self.kids = {n: Namespace.create("net") for n in ("c1", "c2", "c3")}
+        with Rtnl(self.host) as r:
+            ipr = r.ipr
+            ipr.link("set", index=1, state="up")
+            for name, peer, addr in (("uplink", self.outside, HOST_UPLINK),
+                                     ("uplink2", self.neighbour, NEIGHBOUR_GW)):
+                ipr.link("add", ifname=name, kind="veth",
+                         peer={"ifname": "eth0", "net_ns_fd": peer.fileno()})
+                i = r.link_index(name)
+                ipr.addr("add", index=i, address=addr, prefixlen=24)
+                ipr.link("set", index=i, state="up")
+            for br, gw in (("nslab0", GW0), ("nslab1", GW1)):
+                ipr.link("add", ifname=br, kind="bridge")
+                i = r.link_index(br)
+                ipr.addr("add", index=i, address=gw, prefixlen=16)
+                ipr.link("set", index=i, state="up")
+            for kid, br, addr, gw in (("c1", "nslab0", C1, GW0), ("c2", "nslab0", C2, GW0),
+                                      ("c3", "nslab1", C3, GW1)):
+                ipr.link("add", ifname=f"veth{kid}", kind="veth",
+                         peer={"ifname": "eth0", "net_ns_fd": self.kids[kid].fileno()})
+                i = r.link_index(f"veth{kid}")
+                ipr.link("set", index=i, master=r.link_index(br))
+                ipr.link("set", index=i, state="up")
+                self._inside(self.kids[kid], addr, 16, gw)
+        self._inside(self.outside, OUTSIDE, 24, None)
+        # The neighbour plays moby#45610's attacker: lo down (so 127/8 is not local to it),
+        # a route to the host's 127.0.0.1 via its uplink, route_localnet on its own eth0.
+        self._inside(self.neighbour, NEIGHBOUR, 24, None, lo=False)
+        with Rtnl(self.neighbour) as r:
+            r.ipr.route("add", dst="127.0.0.1/32", gateway=NEIGHBOUR_GW)
+        write_sysctl(self.neighbour, "net/ipv4/conf/eth0/route_localnet", "1")
+        write_sysctl(self.host, "net/ipv4/ip_forward", "1")     # the sandbox host only
+        self.servers = []
+
+    @staticmethod
+    def _inside(ns, addr, plen, gw, lo=True):
+        with Rtnl(ns) as r:
+            e = r.link_index("eth0")
+            r.ipr.addr("add", index=e, address=addr, prefixlen=plen)
+            r.ipr.link("set", index=e, state="up")
+            if lo:
+                r.ipr.link("set", index=1, state="up")
+            if gw:
+                r.ipr.route("add", dst="0.0.0.0/0", gateway=gw)
+
+    def close(self):
+        for s in self.servers:
+            s.close()
+        for ns in (self.host, self.outside, self.neighbour, *self.kids.values()):
+            ns.close()
+
+
+def tcp_server(ns, port):
+    """Answers each connection with the peer address it sees, then echoes."""
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(64)
+
+    def loop():
+        while True:
+            try:
+                c, peer = s.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(f"{peer[0]}\n".encode())
+    threading.Thread(target=loop, daemon=True).start()
+    return s
+
+
+def count_server(ns, port):
+    """Reads to EOF, then answers with the number of bytes it got (tests half-close)."""
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(8)
+
+    def loop():
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            with c:
+                total, buf = 0, bytearray(1 << 16)
+                while n := c.recv_into(buf):
+                    total += n
+                c.sendall(str(total).encode())
+    threading.Thread(target=loop, daemon=True).start()
+    return s
+
+
+def udp_server(ns, port):
+    """Answers each datagram with the sender address it sees."""
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    s.bind(("0.0.0.0", port))
+
+    def loop():
+        while True:
+            try:
+                data, peer = s.recvfrom(2048)
+                s.sendto(f"{peer[0]} {data.decode()}".encode(), peer)
+            except OSError:
+                return
+    threading.Thread(target=loop, daemon=True).start()
+    return s
+
+
+def ask(ns, addr, port, timeout=1.0):
+    """Connect from ``ns``; return the address the server saw."""
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.settimeout(timeout)
+    with s:
+        s.connect((addr, port))
+        return s.recv(100).decode().strip()
+
+
+def ask_udp(ns, addr, port, timeout=1.0):
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    s.settimeout(timeout)
+    with s:
+        for _ in range(3):                    # UDP: a lost first datagram is not a failure
+            s.sendto(b"ping", (addr, port))
+            try:
+                return s.recv(100).decode()
+            except TimeoutError:
+                continue
+        raise TimeoutError(f"no UDP answer from {addr}:{port}")
+
+
+def blocked(ns, addr, port):
+    """True if a TCP connection is dropped (times out) or refused."""
+    try:
+        ask(ns, addr, port, timeout=DROP_TIMEOUT)
+    except (TimeoutError, ConnectionRefusedError, ConnectionResetError):
+        return True
+    return False
+
+
+def nft(ns, *args):
+    fd = ns.fileno()
+    return subprocess.run(["nsenter", f"--net=/proc/self/fd/{fd}", "nft", *args], pass_fds=[fd],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def ruleset(ns):
+    """``nft -j list ruleset``, normalised as moby's golden tests do: no handles, zero counters."""
+    def clean(node):
+        if isinstance(node, dict):
+            out = {k: clean(v) for k, v in node.items() if k != "handle"}
+            if "counter" in out and isinstance(out["counter"], dict):
+                out["counter"] = {"packets": 0, "bytes": 0}
+            return out
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+    data = json.loads(nft(ns, "-j", "list", "ruleset") or '{"nftables": []}')
+    return [clean(item) for item in data["nftables"] if "metainfo" not in item]
+
+
+def port_free(ns, proto, port):
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    s = socket_in(ns, socket.AF_INET, kind, 0)
+    with s:
+        if proto == "tcp":
+            # As a server would: old connections in TIME_WAIT do not count as holding it.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            if proto == "tcp":
+                s.listen()
+            return True
+        except OSError:
+            return False
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def box():
+    sandbox = Sandbox()
+    for kid in ("c1", "c2", "c3"):
+        sandbox.servers.append(tcp_server(sandbox.kids[kid], 80))
+    sandbox.servers.append(udp_server(sandbox.kids["c1"], 53))
+    sandbox.servers.append(count_server(sandbox.kids["c1"], 81))
+    sandbox.servers.append(tcp_server(sandbox.outside, 9000))
+    yield sandbox
+    sandbox.close()
+
+
+@contextlib.contextmanager
+def firewall(box, via="docker", networks=("nslab0", "nslab1"), **kwargs):
+    fw = Firewall(box.host, published_via=via, **kwargs)
+    try:
+        if "nslab0" in networks:
+            fw.add_network("nslab0", ipaddress.IPv4Network("172.17.0.0/16"))
+        if "nslab1" in networks:
+            fw.add_network("nslab1", "172.18.0.0/16")
+        yield fw
+    finally:
+        fw.close()
+
+
+# --- reaching a published port --------------------------------------------------------------------
+# What each backend shows the container, per client: DNAT keeps the client address, the
+# proxy shows the host's bridge address; "nat" masquerades what comes from the host itself.
+SEEN = {
+    "docker": {"outside": OUTSIDE, "host-lo": GW0, "host-uplink": HOST_UPLINK, "c2": GW0},
+    "nat": {"outside": OUTSIDE, "host-lo": GW0, "host-uplink": GW0, "c2": C2},
+    "proxy": {"outside": GW0, "host-lo": GW0, "host-uplink": GW0, "c2": GW0},
+}
+
+
+@pytest.mark.parametrize("via", ["docker", "nat", "proxy"])
+def test_published_port_reached_from_everywhere(box, via):
+    """Through each backend, c1's port 80 published as 8080 answers the outside, the host on
+    127.0.0.1 and on its own address, and (hairpin) a sibling on the same bridge."""
+    with firewall(box, via) as fw:
+        assert fw.publish("c1", "nslab0", C1, "8080:80") == [PortMapping(80, "tcp", 8080)]
+        seen = {"outside": ask(box.outside, HOST_UPLINK, 8080),
+                "host-lo": ask(box.host, "127.0.0.1", 8080),
+                "host-uplink": ask(box.host, HOST_UPLINK, 8080),
+                "c2": ask(box.kids["c2"], HOST_UPLINK, 8080)}
+        assert seen == SEEN[via]
+
+
+def test_dnat_keeps_the_client_address_and_the_proxy_hides_it(box):
+    """The outside's address reaches the container through DNAT, the proxy replaces it."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "8080:80", via="docker")
+        fw.publish("c2", "nslab0", C2, "8081:80", via="proxy")
+        assert ask(box.outside, HOST_UPLINK, 8080) == OUTSIDE
+        assert ask(box.outside, HOST_UPLINK, 8081) == GW0
+
+
+def test_another_bridge_network_reaches_a_published_port_through_the_host(box):
+    """Published ports are public, as in Docker: c3 on nslab1 reaches c1 via the host address."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "8080:80")
+        assert ask(box.kids["c3"], HOST_UPLINK, 8080) == GW0      # DNAT + MASQUERADE of nslab1
+
+
+@pytest.mark.parametrize("via", ["docker", "proxy", "nat"])
+def test_udp_published_port(box, via):
+    """UDP port 53 published as 5353 answers the outside and the host's 127.0.0.1."""
+    with firewall(box, via) as fw:
+        fw.publish("c1", "nslab0", C1, "5353:53/udp")
+        assert ask_udp(box.outside, HOST_UPLINK, 5353).split()[0] == \
+            (GW0 if via == "proxy" else OUTSIDE)
+        assert ask_udp(box.host, "127.0.0.1", 5353).split()[0] == GW0
+
+
+def test_ephemeral_and_range_host_ports(box):
+    """`-p 80` gets a port from the host's ip_local_port_range; `8000-8002:80` the first free."""
+    low, high = map(int, read_sysctl(box.host, "net/ipv4/ip_local_port_range").split())
+    with firewall(box) as fw:
+        [m] = fw.publish("c1", "nslab0", C1, "80")
+        assert low <= m.host_port <= high
+        assert ask(box.outside, HOST_UPLINK, m.host_port) == OUTSIDE
+        fw.publish("c3", "nslab1", C3, "8000:80")
+        [r] = fw.publish("c2", "nslab0", C2, "8000-8002:80")
+        assert r == PortMapping(80, "tcp", 8001)
+        assert ask(box.outside, HOST_UPLINK, 8001) == OUTSIDE
+
+
+def test_mixed_backends_in_one_table(box):
+    """A nat-backend child in a docker-default table is still served on 127.0.0.1 (by DNAT),
+    and its network-level hairpin pieces go with it."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "8080:80", via="nat")
+        assert read_sysctl(box.host, "net/ipv4/conf/nslab0/route_localnet") == "1"
+        assert ask(box.host, "127.0.0.1", 8080) == GW0
+        assert fw.publication("c1").proxies == []
+        fw.unpublish("c1")
+        assert read_sysctl(box.host, "net/ipv4/conf/nslab0/route_localnet") == "0"
+        chains = {item["rule"]["chain"] for item in ruleset(box.host) if "rule" in item}
+        assert "nat-postrouting-in__nslab0" not in chains
+
+
+# --- what must not get through --------------------------------------------------------------------
+def test_egress_is_masqueraded_to_the_host_address(box):
+    """A child reaching the outside shows up with the host's uplink address."""
+    with firewall(box):
+        assert ask(box.kids["c1"], OUTSIDE, 9000) == HOST_UPLINK
+        assert ask(box.kids["c3"], OUTSIDE, 9000) == HOST_UPLINK
+
+
+def test_unpublished_port_and_direct_access_are_dropped(box):
+    """From the outside (with a route to the bridges), a container address is not reachable,
+    published or not, and an unpublished host port is refused."""
+    with Rtnl(box.outside) as r:
+        r.ipr.route("add", dst="172.16.0.0/12", gateway=HOST_UPLINK)
+    try:
+        with firewall(box) as fw:
+            fw.publish("c1", "nslab0", C1, "8080:80")
+            assert ask(box.outside, HOST_UPLINK, 8080) == OUTSIDE        # the server is up
+            assert blocked(box.outside, C1, 80)                         # DROP DIRECT ACCESS
+            assert blocked(box.outside, C2, 80)                         # UNPUBLISHED PORT DROP
+            assert blocked(box.outside, HOST_UPLINK, 8081)              # nothing published there
+            assert ask(box.kids["c2"], C1, 80) == C2                    # ICC still works
+        # Control: without the firewall the same direct connection goes through.
+        assert ask(box.outside, C1, 80) == OUTSIDE
+    finally:
+        with Rtnl(box.outside) as r:
+            r.ipr.route("del", dst="172.16.0.0/12", gateway=HOST_UPLINK)
+
+
+def test_two_bridge_networks_cannot_reach_each_other(box):
+    """c3 (nslab1) cannot reach c1/c2 (nslab0) directly, nor the other way round."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "8080:80")
+        assert blocked(box.kids["c3"], C1, 80)
+        assert blocked(box.kids["c3"], C2, 80)
+        assert blocked(box.kids["c1"], C3, 80)
+        assert ask(box.kids["c2"], C1, 80) == C2                        # same bridge: fine
+    # Control: without the firewall, the host routes between its bridges.
+    assert ask(box.kids["c3"], C2, 80) == C3
+
+
+def test_localhost_publish_is_unreachable_from_a_neighbour(box):
+    """moby#45610: a neighbour routing 127.0.0.1 via the host does not reach a port published
+    on 127.0.0.1; without the DROP REMOTE LOOPBACK rule it would (vulnerable control)."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "127.0.0.1:8080:80")
+        assert ask(box.host, "127.0.0.1", 8080) == GW0
+        assert blocked(box.neighbour, "127.0.0.1", 8080)
+        assert blocked(box.outside, HOST_UPLINK, 8080)                  # not on other addresses
+        # The control: delete just that rule and the neighbour gets through.
+        [(chain, handle)] = [(c, h) for c, h in fw.publication("c1").rules
+                             if c == "raw-PREROUTING"][1:]
+        b = _nft.Batch(fw.table)
+        b.del_rule(chain, handle)
+        fw.nf.commit(b)
+        assert ask(box.neighbour, "127.0.0.1", 8080) == NEIGHBOUR
+        assert read_sysctl(box.host, "net/ipv4/conf/nslab0/route_localnet") == "0"
+
+
+# --- port allocation --------------------------------------------------------------------------------
+def test_port_already_published_is_refused_with_dockers_message(box):
+    """A second publish of 8080 fails like Docker, names the holder, and changes nothing."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "8080:80")
+        before = ruleset(box.host)
+        for spec in ("8080:80", "127.0.0.1:8080:80", ["9090:80", "8080:81"]):
+            with pytest.raises(PortAllocatedError) as info:
+                fw.publish("c2", "nslab0", C2, spec)
+            assert "port is already allocated" in str(info.value)
+            assert info.value.holder == "nslab publication 'c1'"
+        assert "Bind for 0.0.0.0:8080 failed: port is already allocated" in str(
+            pytest.raises(PortAllocatedError, fw.publish, "c2", "nslab0", C2, "8080:80").value)
+        assert ruleset(box.host) == before
+        assert port_free(box.host, "tcp", 9090)                         # the first one released
+        fw.publish("c2", "nslab0", C2, "8080:80/udp")                   # other protocol: fine
+
+
+def test_port_bound_by_another_process_names_it(box):
+    """A host port held by a foreign process is refused, naming its pid and command."""
+    fd = box.host.fileno()
+    code = ("import socket,sys; s=socket.socket(); s.bind(('0.0.0.0', 8099)); s.listen();"
+            "print('ready', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen(["nsenter", f"--net=/proc/self/fd/{fd}", sys.executable, "-c", code],
+                              pass_fds=[fd], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        with firewall(box) as fw:
+            with pytest.raises(PortAllocatedError) as info:
+                fw.publish("c1", "nslab0", C1, "8099:80")
+            assert "Bind for 0.0.0.0:8099 failed: port is already allocated" in str(info.value)
+            assert info.value.holder.startswith(f"pid {holder.pid} (")
+            assert "sys.stdin.read()" in info.value.holder
+            assert fw.publications == {}
+        assert find_port_holder(box.host, "tcp", 8098) is None
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_invalid_input_changes_nothing(box):
+    """Bad specs, keys, bridges or addresses raise InputError before anything changes."""
+    with firewall(box) as fw:
+        before = ruleset(box.host)
+        for args in (("c1", "nslab0", C1, "8080:80/sctp"), ("c1", "nslab9", C1, "80"),
+                     ("c1", "nslab0", C3, "80"), ("c1", "nslab0", "172.17.0.0", "80"),
+                     ("c1", "nslab0", "not-an-ip", "80"), ("", "nslab0", C1, "80"),
+                     ("c1", "nslab0", C1, ["8080:80", "70000"])):
+            with pytest.raises(InputError):
+                fw.publish(*args)
+        with pytest.raises(InputError):
+            fw.publish("c1", "nslab0", C1, "80", via="iptables")
+        with pytest.raises(InputError):
+            fw.add_network("nslab0", "10.0.0.0/8")                      # already there
+        with pytest.raises(InputError):
+            fw.add_network("br-x", "172.17.128.0/17")                   # overlaps nslab0
+        with pytest.raises(InputError):
+            fw.add_network("bad name", "10.0.0.0/8")
+        assert ruleset(box.host) == before
+        assert port_free(box.host, "tcp", 8080)
+    with pytest.raises(InputError):
+        Firewall(box.host, published_via="userland")
+
+
+# --- cleanup ------------------------------------------------------------------------------------------
+def test_unpublish_and_close_leave_nothing(box, no_fd_leak):
+    """After unpublish no rule, proxy or port of that child remains; after close, no table."""
+    with firewall(box) as fw:
+        empty = ruleset(box.host)
+        fw.publish("c1", "nslab0", C1, ["8080:80", "5353:53/udp", "127.0.0.1:8081:80"])
+        pids = [p.pid for p in fw.publication("c1").proxies]
+        assert len(pids) == 3 and all(alive(p) for p in pids)
+        assert not port_free(box.host, "tcp", 8080) and not port_free(box.host, "udp", 5353)
+        fw.unpublish("c1")
+        fw.unpublish("c1")                                              # idempotent
+        assert ruleset(box.host) == empty
+        assert not any(alive(p) for p in pids)
+        assert port_free(box.host, "tcp", 8080) and port_free(box.host, "udp", 5353)
+        assert port_free(box.host, "tcp", 8081)
+        fw.publish("c1", "nslab0", C1, "8080:80")                       # republish works
+        assert ask(box.outside, HOST_UPLINK, 8080) == OUTSIDE
+        pid = fw.publication("c1").proxies[0].pid
+    assert "closed" in repr(fw)
+    fw.close()                                                          # idempotent
+    assert ruleset(box.host) == []
+    assert not alive(pid) and port_free(box.host, "tcp", 8080)
+
+
+def test_nat_backend_restores_its_sysctls(box):
+    """route_localnet and bridge-nf-call-iptables go back to what they were on close."""
+    brnf = read_sysctl(box.host, "net/bridge/bridge-nf-call-iptables")
+    with firewall(box, "nat") as fw:
+        fw.publish("c1", "nslab0", C1, "8080:80")
+        assert read_sysctl(box.host, "net/ipv4/conf/nslab0/route_localnet") == "1"
+        assert read_sysctl(box.host, "net/bridge/bridge-nf-call-iptables") == "1"
+    assert read_sysctl(box.host, "net/ipv4/conf/nslab0/route_localnet") == "0"
+    assert read_sysctl(box.host, "net/bridge/bridge-nf-call-iptables") == brnf
+
+
+CONTROLLER = """
+import os, sys
+from nslab.namespaces import Namespace
+from nslab.firewall import Firewall
+fw = Firewall(Namespace(os.dup(int(sys.argv[1])), "net"))
+fw.add_network("nslab0", "172.17.0.0/16")
+fw.publish("c1", "nslab0", "172.17.0.2", ["8080:80", "5353:53/udp"])
+print(" ".join(str(p.pid) for p in fw.publication("c1").proxies), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sigkill_of_the_controller_leaves_nothing(box):
+    """SIGKILL the process owning the Firewall: the owned table, its proxies and held ports
+    all disappear with it, with no gc."""
+    fd = box.host.fileno()
+    ctl = subprocess.Popen([sys.executable, "-c", CONTROLLER, str(fd)], pass_fds=[fd],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        pids = [int(p) for p in ctl.stdout.readline().split()]
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert any("rule" in item for item in ruleset(box.host))
+        ctl.send_signal(signal.SIGKILL)
+        ctl.wait()
+    finally:
+        ctl.stdin.close()
+    deadline = time.monotonic() + 5
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(alive(p) for p in pids)
+    assert ruleset(box.host) == []
+    assert port_free(box.host, "tcp", 8080) and port_free(box.host, "udp", 5353)
+
+
+def test_userland_proxy_alone_holds_no_port_after_close(box):
+    """A UserlandProxy serves its socket; once closed the process is gone and the port free."""
+    sock = socket_in(box.host, socket.AF_INET, socket.SOCK_STREAM, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as Firewall binds its ports
+    sock.bind(("127.0.0.1", 8097))
+    sock.listen()
+    with Firewall(box.host) as fw:
+        fw.add_network("nslab0", "172.17.0.0/16")
+        with UserlandProxy.start(box.host, sock, "tcp", (C1, 80)) as proxy:
+            sock.close()
+            assert proxy.running and "running" in repr(proxy)
+            assert os.stat(f"/proc/{proxy.pid}/ns/net").st_ino == box.host.inode
+            assert ask(box.host, "127.0.0.1", 8097) == GW0
+            pid = proxy.pid
+        assert proxy.closed and not alive(pid)
+    assert port_free(box.host, "tcp", 8097)
+
+
+def test_proxy_moves_bulk_data_and_keeps_half_close(box):
+    """8 MB through the splice proxy arrive whole, and the client's shutdown(SHUT_WR) reaches
+    the server as EOF while the answer still comes back."""
+    with firewall(box, "proxy") as fw:
+        fw.publish("c1", "nslab0", C1, "8081:81")
+        s = socket_in(box.outside, socket.AF_INET, socket.SOCK_STREAM, 0)
+        with s:
+            s.settimeout(10)
+            s.connect((HOST_UPLINK, 8081))
+            s.sendall(os.urandom(1 << 16) * 128)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(100) == str(8 << 20).encode()
+
+
+def test_udp_proxy_expires_idle_flows(box):
+    """The UDP proxy keeps one upstream socket per client and drops it after the idle timeout."""
+    sock = socket_in(box.host, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    sock.bind(("127.0.0.1", 5300))
+    with UserlandProxy.start(box.host, sock, "udp", (C1, 53), udp_timeout=0.3) as proxy:
+        sock.close()
+        sockets = lambda: sum(os.readlink(f"/proc/{proxy.pid}/fd/{fd}").startswith("socket:")  # noqa: E731
+                              for fd in os.listdir(f"/proc/{proxy.pid}/fd"))
+        idle = sockets()
+        for _ in range(2):                               # two clients, two flows
+            assert ask_udp(box.host, "127.0.0.1", 5300).split()[0] == GW0
+        assert sockets() == idle + 2
+        deadline = time.monotonic() + 3
+        while sockets() > idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sockets() == idle
+
+
+def test_proxy_fallback_without_the_process_module(box, monkeypatch):
+    """Without nslab.process, the proxy is started with Popen and enters the netns itself."""
+    monkeypatch.setitem(sys.modules, "nslab.process", None)        # import now fails
+    sock = socket_in(box.host, socket.AF_INET, socket.SOCK_STREAM, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 8096))
+    sock.listen()
+    with Firewall(box.host) as fw:
+        fw.add_network("nslab0", "172.17.0.0/16")
+        with UserlandProxy.start(box.host, sock, "tcp", (C1, 80)) as proxy:
+            sock.close()
+            assert isinstance(proxy._proc, subprocess.Popen)
+            assert ask(box.host, "127.0.0.1", 8096) == GW0
+            assert os.stat(f"/proc/{proxy.pid}/ns/net").st_ino == box.host.inode
+            pid = proxy.pid
+        assert not alive(pid)
+
+
+def test_a_second_firewall_on_the_same_table_is_refused(box):
+    """Two Firewalls cannot share one table name in one netns; another name is fine."""
+    with firewall(box, networks=()):
+        with pytest.raises(FileExistsError):
+            Firewall(box.host)
+        with Firewall(box.host, table="nslab2") as other:
+            assert "nslab2" in repr(other)
+
+
+RULE_FORMS = [
+    _nft.Rule("c", (("iifname", "==", "nslab0"),), _nft.ACCEPT, "ICC"),
+    _nft.Rule("c", (("oifname", "!=", "veth1234567"), ("ip saddr", "==", "10.0.0.0/8")),
+              _nft.MASQUERADE, "MASQUERADE"),
+    _nft.Rule("c", (("ip saddr", "==", "172.16.0.0/12"), ("ip daddr", "!=", "192.168.1.0/24")),
+              _nft.DROP),
+    _nft.Rule("c", (("ip daddr", "==", "172.17.0.2"), ("udp dport", "!=", 53)), _nft.ACCEPT),
+    _nft.Rule("c", (("ip saddr", "!=", "10.1.2.3"), ("tcp dport", "==", 65535)),
+              _nft.Dnat("10.9.8.7", 1), "DNAT"),
+    _nft.Rule("c", (("fib daddr type", "==", "local"),), _nft.Jump("d")),
+    _nft.Rule("c", (("fib saddr type", "==", "local"),), _nft.MASQUERADE, "MASQUERADE FROM HOST"),
+    _nft.Rule("c", (("ct state", "==", ("established", "related")),), _nft.ACCEPT),
+    _nft.Rule("c", (), _nft.DROP, "UNPUBLISHED PORT DROP", counter=True),
+    _nft.Rule("c", (("tcp dport", "==", 80),), _nft.ACCEPT, counter=False),
+    _nft.Rule("c", (), _nft.Vmap("iifname", "m"), counter=False),
+]
+
+
+def test_every_rule_form_reads_back_as_written():
+    """Each match, operator and verdict _nft compiles is printed back by nft as nft syntax."""
+    with Namespace.create("net") as ns:
+        nf = _nft.Netfilter(socket_in(ns, proto=12), "scratch")
+        try:
+            b = _nft.Batch("t")
+            b.add_table()
+            b.add_vmap("m")
+            b.add_chain("d")
+            b.add_chain("c")                 # a regular chain: no hook-type checks
+            for rule in RULE_FORMS:
+                b.add_rule(rule)
+            handles = nf.commit(b)
+            assert len(handles) == len(RULE_FORMS)
+            text = nft(ns, "list", "chain", "ip", "t", "c")
+        finally:
+            nf.close()
+        lines = [ln.strip() for ln in text.splitlines()
+                 if ln.strip() and not ln.strip().startswith(("table ", "chain ", "type ", "}"))]
+        expected = [r.text().replace("counter", "counter packets 0 bytes 0") for r in RULE_FORMS]
+        assert lines == expected
+
+
+# --- golden rulesets ------------------------------------------------------------------------------------
+GOLDEN_CASES = {
+    "one-bridge": dict(networks=("nslab0",), publish=[]),
+    "two-bridges": dict(networks=("nslab0", "nslab1"), publish=[]),
+    "publish-tcp": dict(networks=("nslab0",), publish=[("c1", C1, "8080:80")]),
+    "publish-localhost": dict(networks=("nslab0",), publish=[("c1", C1, "127.0.0.1:8080:80")]),
+    "nat-backend": dict(networks=("nslab0",), publish=[("c1", C1, "8080:80"),
+                                                       ("c2", C2, "5353:53/udp")], via="nat"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_ruleset(box, name):
+    """The ruleset `nft -j list ruleset` reads back matches tests/golden/<name>.json."""
+    case = GOLDEN_CASES[name]
+    with firewall(box, case.get("via", "docker"), case["networks"]) as fw:
+        for key, addr, spec in case["publish"]:
+            fw.publish(key, "nslab0", addr, spec)
+        got = ruleset(box.host)
+    path = GOLDEN / f"{name}.json"
+    if UPDATE_GOLDEN:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(path.read_text()), f"ruleset differs from {path}"
+
+
+def test_rule_comments_read_back_as_dockers(box):
+    """The comments nft prints are Docker's, one per kind of rule."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, "127.0.0.1:8080:80")
+        text = nft(box.host, "list", "ruleset")
+    for comment in ("ICC", "UNPUBLISHED PORT DROP", "DNAT", "MASQUERADE", "DROP DIRECT ACCESS",
+                    "OUTGOING", "DROP REMOTE LOOPBACK"):
+        assert f'comment "{comment}"' in text
+    assert 'iifname != "nslab0" ip daddr 127.0.0.1 tcp dport 8080 counter packets 0 bytes 0 ' \
+           'dnat to 172.17.0.2:80 comment "DNAT"' in text
+    assert 'iifname != "lo" ip daddr 127.0.0.1 tcp dport 8080 counter packets 0 bytes 0 drop ' \
+           'comment "DROP REMOTE LOOPBACK"' in text
