@@ -32,6 +32,7 @@ from .namespaces import KINDS, Namespace, kind_of
 from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint
 from .process import Child
 from .records import LabRecord
+from ._faults import checkpoint
 
 __all__ = ["Lab", "Container", "check_argv", "check_env"]
 
@@ -196,7 +197,9 @@ class _Wiring:
             self._published_key = name
             self.published = self.lab.firewall.publish(name, self.network.bridge, address,
                                                        self.plan["mappings"], via=self.plan["via"])
-        self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name), alongside=publish)
+            checkpoint("lab.published")
+        self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name), alongside=publish,
+                                            hairpin=self.plan["via"] == "nat")
 
     def undo(self) -> None:
         name = self.plan["name"]
@@ -222,7 +225,8 @@ class Lab:
 
     def __init__(self, host: "str | Host" = "sandbox", *, published_via: str = "docker",
                  allow_forwarding: bool = False, strict_publish: bool = False):
-        self.published_via = check_published_via(published_via)
+        self.published_via = check_published_via(
+            published_via, host.kind if isinstance(host, Host) else str(host))
         if not isinstance(strict_publish, bool):
             raise InputError("strict_publish", "must be True or False", strict_publish)
         if not (isinstance(host, Host) or host in ("sandbox", "current")):
@@ -241,8 +245,9 @@ class Lab:
                 self.host, self._owns_host = SandboxHost(state_dir), True
             else:
                 self.host, self._owns_host = CurrentHost(allow_forwarding=allow_forwarding), True
-            self.host.record = self.record
+            self.host.record = self.record.attach_host(self.host)
             self.host.prepare_forwarding()
+            checkpoint("lab.host_ready")
         except BaseException:
             if getattr(self, "_owns_host", False):
                 self.host.close()
@@ -281,7 +286,9 @@ class Lab:
         """The lab's nftables table in the host netns, made when the first network is."""
         if self._firewall is None:
             from .firewall import Firewall
-            self._firewall = Firewall(self.host.netns, published_via=self.published_via)
+            self._firewall = Firewall(self.host.netns, published_via=self.published_via,
+                                      table="nslab" if self.host.kind == "sandbox" and self._owns_host
+                                      else f"nslab-{self.id}")
         return self._firewall
 
     # --- containers ---------------------------------------------------------------------
@@ -304,6 +311,7 @@ class Lab:
             child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
                                 hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
                                 pass_fds=tuple(pass_fds), before_exec=wiring.before_exec)
+            checkpoint("lab.spawned")
         except BaseException:
             wiring.undo()
             if wiring.netns is not None and plan["mode"].kind != "host":
@@ -321,8 +329,9 @@ class Lab:
         """Run a Python callable in a fresh child placed in ``mode``; return its result or
         re-raise its exception. The child is a fresh interpreter (safe with threads); its
         network is removed when it returns."""
-        from .process import call_in_child
+        from .process import call_in_child, pickle_call
         plan = self._plan(mode, name, publish, new, hostname, None, None)
+        pickle_call(fn, args, kwargs)   # InputError for a lambda, before any wiring
         wiring = _Wiring(self, plan)
         try:
             return call_in_child(fn, *args, new=wiring.new, join=wiring.join, hostname=plan["hostname"],
@@ -362,7 +371,7 @@ class Lab:
         mappings = parse_publish(publish)
         strict = self.strict_publish if strict_publish is None else strict_publish
         warning = check_publish_for_mode(m.kind, mappings, strict=strict)
-        via = self.published_via if published_via is None else check_published_via(published_via)
+        via = self.published_via if published_via is None else check_published_via(published_via, self.host.kind)
         joined = None
         if m.kind == "container":
             joined = self.containers.get(m.container)
@@ -395,6 +404,7 @@ class Lab:
                      lambda: container.mode.kind != "host" and container.netns.close()):
             try:
                 step()
+                checkpoint("lab.teardown_step")
             except BaseException as exc:  # noqa: BLE001 - finish teardown, then report
                 errors.append(exc)
         if errors:
@@ -460,6 +470,7 @@ class Lab:
             attempt(self._firewall.close)
         if self._owns_host:
             attempt(self.host.close)
+            checkpoint("lab.host_closed")
             if self.host.closed:
                 self.record.forget(self._dir_key)
         self.record.close()
@@ -479,10 +490,15 @@ class Lab:
                 f"published via {self.published_via}>")
 
 
-def check_published_via(value: object) -> str:
+def check_published_via(value: object, host_kind: str = "sandbox") -> str:
     from .firewall import BACKENDS
     if value not in BACKENDS:
         raise InputError("published_via", f"expected one of {', '.join(BACKENDS)}", value)
+    if value == "nat" and host_kind != "sandbox":
+        # Hairpin NAT sets route_localnet and bridge-nf-call-iptables in the host namespace;
+        # on a real host that changes how every bridge (docker0 too) is filtered.
+        raise InputError("published_via", "'nat' changes route_localnet and bridge-nf-call-iptables "
+                         "in the host namespace: use it on a sandbox host only", value)
     return value  # type: ignore[return-value]
 
 
@@ -500,5 +516,6 @@ def _bring_up_lo(netns: Namespace) -> None:
     try:
         sock.bind((0, 0))
         send_batch(sock, [link_up("lo")], netns.description)
+        checkpoint("none.lo")
     finally:
         sock.close()

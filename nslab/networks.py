@@ -121,7 +121,14 @@ class BridgeNetwork:
         if subnet is not None:
             _ipam.validate_subnet(subnet, "subnet", avoid=avoid)   # InputError before any change
         # Choice and creation under one directory-wide lock: process-safe on a shared state dir.
-        self.ipam = _ipam.Ipam.for_network(host.state_dir, self.name, avoid=avoid, subnet=subnet)
+        # Recorded before the IPAM state exists (write-ahead): a crash right after for_network
+        # must leave gc something to find.
+        self._ipam_key = host.remember("ipam", state_dir=host.state_dir, network=self.name)
+        try:
+            self.ipam = _ipam.Ipam.for_network(host.state_dir, self.name, avoid=avoid, subnet=subnet)
+        except BaseException:
+            host.forget(self._ipam_key)
+            raise
         checkpoint("network.ipam")
         self.subnet = self.ipam.subnet
         self.gateway = self.ipam.gateway
@@ -130,8 +137,6 @@ class BridgeNetwork:
         self._lock = threading.Lock()
         self.endpoints: dict[str, Endpoint] = {}
         self._veth_keys: dict[str, str | None] = {}
-        self._ipam_key = host.remember("ipam", state_dir=host.state_dir, network=self.name,
-                                       subnet=str(self.subnet))
         try:
             self.index = self._create_bridge(tag)
         except BaseException:
@@ -143,7 +148,7 @@ class BridgeNetwork:
         rtnl = self.host.rtnl
         mac = _random_mac()
         alias = f"{tag}:{self.name}"
-        self._record_key = self.host.remember("link", ifname=self.bridge, alias=alias)
+        self._record_key = self.host.remember("link", ifname=self.bridge, alias=alias, address=mac)
         rtnl.request("link", "add", ifname=self.bridge, kind="bridge", address=mac,
                      obj=f"bridge {self.bridge}")
         checkpoint("network.bridge")
@@ -171,10 +176,13 @@ class BridgeNetwork:
         return index
 
     # --- containers -------------------------------------------------------------------
-    def attach(self, netns: Namespace, owner: str, *, address=None,
+    def attach(self, netns: Namespace, owner: str, *, address=None, hairpin: bool = False,
                alongside: "Callable[[ipaddress.IPv4Address], object] | None" = None) -> Endpoint:
         """Wire ``netns`` to this bridge as Docker wires a container; undo with detach().
 
+        ``hairpin``: the bridge port may send a frame back out where it came from — what
+        Docker sets on every port when its userland proxy is off, so a container reaches its
+        own published port through the host address (hairpin NAT).
         ``alongside(address)`` runs in the calling thread while the container side is being
         configured on another (the firewall's batch overlaps it: ~0.3 ms of a 3 ms spawn).
         If it raises, the attachment is undone and its error propagates.
@@ -188,6 +196,10 @@ class BridgeNetwork:
         try:
             host_ifname = self._create_veth(netns)
             configured = self._configure_inside(netns, interface)
+            if hairpin:
+                rtnl = self.host.rtnl
+                rtnl.request("brport", "set", index=rtnl.link_index(host_ifname), mode=1,
+                             obj=f"hairpin mode on bridge port {host_ifname}")
             try:
                 if alongside is not None:
                     alongside(ip)

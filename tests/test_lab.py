@@ -317,3 +317,22 @@ def test_rootless_lab_in_a_user_namespace():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("HTTP/1.0 200")
+
+
+@pytest.mark.root
+def test_nat_backend_is_refused_on_the_current_host():
+    """published_via='nat' changes host-netns sysctls: refused outside a sandbox, before anything."""
+    with pytest.raises(InputError, match="published_via"):
+        Lab(host="current", published_via="nat")
+
+
+@pytest.mark.root
+def test_nat_backend_sets_hairpin_on_the_bridge_port(lab):
+    """With Docker's userland proxy off, every bridge port is in hairpin mode."""
+    c = lab.spawn(["sleep", "30"], publish=["8080:80"], published_via="nat")
+    d = lab.spawn(["sleep", "30"])
+    def mode(container):
+        index = lab.host.rtnl.link_index(container.endpoint.host_ifname)
+        info = lab.host.rtnl.ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
+        return dict(info["attrs"]).get("IFLA_BRPORT_MODE")
+    assert mode(c) == 1 and mode(d) == 0
