@@ -27,10 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as exc:
+            # One broken subcommand (say, a C extension that failed to build) must not take
+            # the others down with it.
+            p.set_defaults(_run=lambda args, exc=exc: _unavailable(args.command, exc))
+            continue
         getattr(mod, "add_arguments")(p, name)
         p.set_defaults(_run=getattr(mod, "run"))
     return parser
+
+
+def _unavailable(command: str, exc: ImportError) -> int:
+    print(f"nslab {command}: unavailable here: {exc}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

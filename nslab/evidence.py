@@ -365,10 +365,11 @@ def _read_inside(bridges: list[str], socket_source: str, uts: Namespace | None) 
             out["inet"] = _inet_sockets_proc()
         return out
 
-    if uts is None:
-        return body()
-    with uts.entered():
-        return body()
+    if uts is not None:
+        # We are on ns.call's throwaway thread: stay in uts until it ends. (Going back could
+        # be refused in a rootless lab, where the inherited uts belongs to the initial userns.)
+        uts.enter_for_rest_of_thread()
+    return body()
 
 
 def _socket_owners(pid: int) -> dict[int, tuple[int, str]]:

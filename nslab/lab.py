@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import secrets
 import threading
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -79,8 +80,10 @@ class Container:
 
     def __init__(self, lab: "Lab", name: str, mode: Mode, child: Child, netns: Namespace,
                  endpoint: Endpoint | None, published: list, warnings_: list[str],
-                 joined: "Container | None"):
+                 joined: "Container | None", *, id: str, hostname: str | None):
         self.lab = lab
+        self.id = id                    # 64 hex, like Docker's container id
+        self.hostname = hostname        # None: the host's (host mode without a new uts ns)
         self.name = name
         self.mode = mode
         self.child = child
@@ -299,8 +302,13 @@ class Lab:
               strict_publish: bool | None = None) -> Container:
         """Start ``argv`` as ``docker run --network MODE`` would place it.
 
-        ``new``: extra namespaces to create (``"pid"``, ``"mnt"``, ``"uts"``, ``"ipc"``...);
-        the mode decides the network namespace. ``publish``: Docker ``-p`` specs. Raises
+        The mode decides the network namespace. As Docker does, every child not in host mode
+        also gets its own UTS namespace (it keeps the host's hostname unless ``hostname`` is
+        given — Docker uses the short id, which it also writes into the container's own
+        /etc/hosts, a file nslab's children share with the host — or its owner's in
+        ``container:`` mode) and IPC namespace. Docker also gives each container its own PID
+        and mount namespaces; nslab's children run the host's programs with no image, so
+        those are opt-in: ``new=("pid", "mnt")``. ``publish``: Docker ``-p`` specs. Raises
         InputError for bad input, before anything in the kernel changes.
         """
         plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
@@ -318,7 +326,8 @@ class Lab:
                 wiring.netns.close()
             raise
         container = Container(self, plan["name"], plan["mode"], child, wiring.netns, wiring.endpoint,
-                              wiring.published, [plan["warning"]] if plan["warning"] else [], plan["joined"])
+                              wiring.published, [plan["warning"]] if plan["warning"] else [], plan["joined"],
+                              id=plan["id"], hostname=plan["hostname"])
         with self._lock:
             self.containers[container.name] = container
         return container
@@ -364,10 +373,8 @@ class Lab:
             if kind not in new_kinds:
                 new_kinds.append(kind)
         hostname = _check_hostname(hostname)
-        if hostname and "uts" not in new_kinds:
-            if m.kind == "container":
-                raise InputError("hostname", "conflicting options: hostname and the network mode", hostname)
-            new_kinds.append("uts")
+        if hostname and m.kind == "container":
+            raise InputError("hostname", "conflicting options: hostname and the network mode", hostname)
         mappings = parse_publish(publish)
         strict = self.strict_publish if strict_publish is None else strict_publish
         warning = check_publish_for_mode(m.kind, mappings, strict=strict)
@@ -379,7 +386,20 @@ class Lab:
                 raise InputError("mode", f"no container named {m.container!r} in this lab", str(m))
             if joined.closed or not joined.running:
                 raise InputError("mode", f"cannot join network of a non running container: {m.container}", str(m))
-        return {"mode": m, "name": name, "new": new_kinds, "hostname": hostname,
+        container_id = secrets.token_hex(32)
+        if m.kind != "host":
+            # As Docker: a private UTS and IPC namespace for every container not in host mode.
+            # Docker names the host after the short container id *and* writes that name into
+            # the container's own /etc/hosts; nslab's children share the host's /etc, where an
+            # unknown name sends every getfqdn() (http.server's, say) to an unreachable DNS.
+            # So the private UTS keeps the inherited hostname unless one is given (container:
+            # mode copies its owner's, as Docker does).
+            new_kinds += [k for k in ("uts", "ipc") if k not in new_kinds]
+            if hostname is None and joined is not None:
+                hostname = joined.hostname
+        elif hostname and "uts" not in new_kinds:
+            new_kinds.append("uts")
+        return {"mode": m, "name": name, "id": container_id, "new": new_kinds, "hostname": hostname,
                 "mappings": mappings if m.kind == "bridge" else [], "warning": warning,
                 "via": via, "joined": joined}
 
@@ -397,7 +417,12 @@ class Lab:
         errors: list[BaseException] = []
         # Child first (docker stop), then its rules and veth while our handle still pins the
         # netns (host sides go before their namespaces), then the handle itself.
-        for step in (container.child.close,
+        def remove_child() -> None:
+            # docker rm -f: SIGKILL. The init of a new pid namespace ignores SIGTERM, so a
+            # polite stop would cost its whole grace period; Container.stop() is the polite one.
+            container.child.kill()
+            container.child.close()
+        for step in (remove_child,
                      lambda: self._firewall is not None and self._firewall.unpublish(container.name),
                      lambda: container.endpoint is not None and
                      self.networks[container.endpoint.network].detach(self._owner(container.name)),
@@ -431,9 +456,12 @@ class Lab:
         namespaces = {}
         for k in KINDS:
             try:
-                namespaces[k] = target.namespace(k)
+                # Read from the child itself (its pidfd), not from what the lab believes, so a
+                # view shows a misplaced child as misplaced.
+                namespaces[k] = target.child.namespace(k)
             except NslabError:
-                pass  # the child is gone: what is pinned (its netns) is still shown
+                if k == "net":
+                    namespaces[k] = target.netns  # the child is gone: its pinned netns still shows
         return View.gather(target.name, namespaces, pid=target.pid if target.running else None)
 
     def compare(self, a: "Container | str", b: "Container | str"):

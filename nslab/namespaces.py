@@ -246,21 +246,52 @@ class Namespace:
         finally:
             saved.close()
 
+    def enter_for_rest_of_thread(self) -> None:
+        """Move the calling thread here for good. Only for a throwaway thread that ends right
+        after (inside a :meth:`call` body, say), where there is nothing to go back to."""
+        if threading.current_thread() is threading.main_thread():
+            raise NslabError(errno.EINVAL, "enter_for_rest_of_thread() on the main thread would "
+                             "move it for good: use entered() or call()")
+        with Namespace.current(self.kind) as here:
+            if here != self:
+                _native.setns(self.fileno(), self.kind.flag, self.description)
+
     def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """Run ``fn`` on a throwaway thread inside this namespace; return or re-raise its result."""
-        def inside():
-            with self.entered():
-                return fn(*args, **kwargs)
-        return _run_on_thread(inside)
+        return _run_on_thread(self._throwaway(fn, args, kwargs))
+
+    def _throwaway(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> Callable[[], T]:
+        """The body of a throwaway thread: enter, run, and go back if allowed.
+
+        Going back keeps every thread of the process in its home namespace whenever one is
+        looked at. In a rootless lab (``unshare -Urn``) the way back into a namespace the
+        initial user namespace owns (the inherited uts, say) is EPERM: the thread ends right
+        after, so that one refusal is harmless and is not an error here.
+        """
+        def inside() -> T:
+            if not self.kind.per_thread:
+                raise InputError("namespace kind", f"a thread of a threaded process cannot enter a "
+                                 f"{self.kind.name} namespace (setns: EINVAL); run a child in it",
+                                 self.kind.name)
+            with Namespace.current(self.kind) as home:
+                if home == self:
+                    return fn(*args, **kwargs)
+                _native.setns(self.fileno(), self.kind.flag, self.description)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    try:
+                        _native.setns(home.fileno(), self.kind.flag, f"back to {home.description}")
+                    except NslabError as exc:
+                        if exc.errno != errno.EPERM:
+                            raise
+        return inside
 
     def call_async(self, fn: Callable[..., T], *args, **kwargs) -> Callable[[], T]:
         """Start ``fn`` on a throwaway thread inside this namespace; returns a function that
         waits for it and returns (or re-raises) its result. Lets the caller overlap kernel
         work in two namespaces (the GIL is released during syscalls)."""
-        def inside():
-            with self.entered():
-                return fn(*args, **kwargs)
-        return _start_thread(inside)
+        return _start_thread(self._throwaway(fn, args, kwargs))
 
     # --- persisting, the way `ip netns add` does ----------------------------------------
     def persist(self, name: str, run_dir: str = NETNS_RUN_DIR) -> str:

@@ -31,7 +31,7 @@ def proc_identity(pid, kind="net"):
     return (st.st_dev, st.st_ino)
 
 
-def connect_from(ns, address, port=9, timeout=1.0):
+def connect_from(ns, address, port=9, timeout=3.0):
     """Connect from inside ``ns``; returns 'open', 'refused' (RST: the peer's kernel answered)
     or the errno name of the failure."""
     s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
