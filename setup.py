@@ -13,7 +13,7 @@ setup(
     setup_requires=["cffi>=1.15"],
     install_requires=["cffi>=1.15", "pyroute2>=0.9", "psutil>=5.9"],
     extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
-    cffi_modules=["nslab/_ffi_build.py:ffi"],
+    cffi_modules=["nslab/_ffi_build.py:ffi", "nslab/_probe_build.py:ffi"],
     entry_points={"console_scripts": ["nslab=nslab.cli:main"]},
     zip_safe=False,
 )

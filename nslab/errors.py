@@ -19,7 +19,7 @@ import os
 __all__ = [
     "NslabError", "InputError", "NslabPermissionError", "NslabFileNotFoundError",
     "NslabFileExistsError", "NslabProcessLookupError", "NslabTimeoutError",
-    "NslabChildProcessError", "NslabBusyError", "ResourceExhaustedError", "SpawnError",
+    "NslabChildProcessError", "NslabBusyError", "NslabConnectionRefusedError", "ResourceExhaustedError", "SpawnError",
     "PortAllocatedError", "from_errno", "from_netlink", "privilege_hint",
 ]
 
@@ -74,6 +74,10 @@ class NslabChildProcessError(NslabError, ChildProcessError):
     """ECHILD: the child was already reaped."""
 
 
+class NslabConnectionRefusedError(NslabError, ConnectionRefusedError):
+    """ECONNREFUSED: nothing listens there (an RST came back)."""
+
+
 class NslabBusyError(NslabError):
     """EBUSY: the object is in use (a mount point with another mount on it, say)."""
 
@@ -118,6 +122,7 @@ _BY_ERRNO = {
     _errno.ETIMEDOUT: NslabTimeoutError,
     _errno.ECHILD: NslabChildProcessError,
     _errno.EBUSY: NslabBusyError,
+    _errno.ECONNREFUSED: NslabConnectionRefusedError,
     _errno.EXFULL: ResourceExhaustedError,
 }
 
