@@ -295,6 +295,36 @@ static void set_pdeathsig(const struct child_ctx *c, long ppid)
         child_exit(127);
 }
 
+/* Drop capabilities before exec (raw syscalls: see the top of this file). A root child's
+ * permitted set after execve is its bounding set, so PR_CAPBSET_DROP is what sticks; the
+ * effective, permitted and inheritable bits go too, so nothing can carry them across (the
+ * kernel then drops them from the ambient set as well). */
+struct nslab_cap_header { unsigned int version; int pid; };
+struct nslab_cap_data { unsigned int effective, permitted, inheritable; };
+
+static void drop_caps(const struct child_ctx *c, unsigned long long mask)
+{
+    long rc;
+    for (int cap = 0; cap < 64; cap++)
+        if ((mask >> cap) & 1ULL) {
+            rc = sys5(SYS_prctl, PR_CAPBSET_DROP, cap, 0, 0, 0);
+            if (rc < 0 && rc != -EINVAL)      /* EINVAL: a capability this kernel lacks */
+                child_fail(c, NSLAB_STEP_CAPS, rc, cap);
+        }
+    struct nslab_cap_header h = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
+    struct nslab_cap_data d[2];
+    if ((rc = sys2(SYS_capget, &h, d)) < 0)
+        child_fail(c, NSLAB_STEP_CAPS, rc, -1);
+    for (int i = 0; i < 2; i++) {
+        unsigned int keep = ~(unsigned int)(mask >> (32 * i));
+        d[i].effective &= keep;
+        d[i].permitted &= keep;
+        d[i].inheritable &= keep;
+    }
+    if ((rc = sys2(SYS_capset, &h, d)) < 0)
+        child_fail(c, NSLAB_STEP_CAPS, rc, -1);
+}
+
 static int __attribute__((noreturn)) child_main(void *arg)
 {
     const struct child_ctx *c = arg;
@@ -331,6 +361,8 @@ static int __attribute__((noreturn)) child_main(void *arg)
         child_fail(c, NSLAB_STEP_HOSTNAME, rc, 0);
     if (a->cwd && (rc = sys1(SYS_chdir, a->cwd)) < 0)
         child_fail(c, NSLAB_STEP_CHDIR, rc, 0);
+    if (a->caps_drop)
+        drop_caps(c, a->caps_drop);
 
     /* stdio: first move any source that is itself 0-2 (but not its own slot) above 2, so a
      * swap like stdout=2, stderr=1 cannot clobber itself. dup3 clears close-on-exec. */

@@ -33,6 +33,7 @@
 #define NSLAB_STEP_CLOEXEC    9  /* fcntl(F_SETFD) on fd `index` */
 #define NSLAB_STEP_EXECVE    10  /* execve(path) */
 #define NSLAB_STEP_SIGNALS   11  /* sigaction(SIG_DFL) */
+#define NSLAB_STEP_CAPS      12  /* prctl(PR_CAPBSET_DROP, index) / capget / capset */
 
 struct nslab_spawn_args {
     const char *path;            /* what execve runs: resolved by Python (no PATH search here) */
@@ -51,6 +52,7 @@ struct nslab_spawn_args {
     const char *hostname;        /* NULL: unchanged (needs a new uts namespace) */
     size_t hostname_len;
     int flags;                   /* NSLAB_SPAWN_* path switches (tests, benchmarks) */
+    unsigned long long caps_drop;    /* capabilities (bit n = CAP n) dropped before execve */
 };
 
 /* What the parent holds after the clone: the child is blocked on the sync socket. */

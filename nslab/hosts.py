@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import tempfile
 import threading
 from typing import Callable, TypeVar
@@ -60,9 +61,16 @@ def state_root() -> str:
     return os.path.join(base, f"nslab-{os.getuid()}")
 
 
-def _sysctl_path(name: str) -> str:
-    if not name or any(part in ("", "..", ".") for part in name.split(".")) or "/" in name.replace(".", ""):
-        raise InputError("sysctl", "expected a dotted name like net.ipv4.ip_forward", name)
+_SYSCTL_PART = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _sysctl_path(name: object) -> str:
+    """``net.ipv4.ip_forward`` -> ``/proc/sys/net/ipv4/ip_forward``; anything that could
+    walk elsewhere (``..``, ``/``, NUL, empty parts) is an InputError."""
+    if not isinstance(name, str) or not name or len(name) > 255 \
+            or not all(_SYSCTL_PART.match(part) for part in name.split(".")):
+        raise InputError("sysctl", "expected a dotted name like net.ipv4.ip_forward "
+                         "(letters, digits, '_' and '-' between the dots)", name)
     return "/proc/sys/" + name.replace(".", "/")
 
 

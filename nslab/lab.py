@@ -31,11 +31,14 @@ from .hosts import CurrentHost, Host, SandboxHost, scratch_root
 from .modes import Mode, check_container_name, parse_mode
 from .namespaces import KINDS, Namespace, kind_of
 from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint
-from .process import Child
+from .process import Child, caps_mask
 from .records import LabRecord
 from ._faults import checkpoint
 
-__all__ = ["Lab", "Container", "check_argv", "check_env"]
+__all__ = ["Lab", "Container", "check_argv", "check_env", "DEFAULT_CAP_DROP"]
+
+# Dropped from every child unless the caller says otherwise (see Lab.spawn).
+DEFAULT_CAP_DROP = ("NET_RAW",)
 
 
 def check_argv(argv: object, field: str = "argv") -> list[str]:
@@ -299,7 +302,7 @@ class Lab:
               publish: Iterable = (), new: Iterable[str] = (), hostname: str | None = None,
               env: Mapping[str, str] | None = None, cwd: str | None = None, stdin=None, stdout=None,
               stderr=None, pass_fds: Iterable[int] = (), published_via: str | None = None,
-              strict_publish: bool | None = None) -> Container:
+              strict_publish: bool | None = None, cap_drop: Iterable[str] = DEFAULT_CAP_DROP) -> Container:
         """Start ``argv`` as ``docker run --network MODE`` would place it.
 
         The mode decides the network namespace. As Docker does, every child not in host mode
@@ -308,17 +311,25 @@ class Lab:
         /etc/hosts, a file nslab's children share with the host — or its owner's in
         ``container:`` mode) and IPC namespace. Docker also gives each container its own PID
         and mount namespaces; nslab's children run the host's programs with no image, so
-        those are opt-in: ``new=("pid", "mnt")``. ``publish``: Docker ``-p`` specs. Raises
+        those are opt-in: ``new=("pid", "mnt")``.
+
+        ``cap_drop``: capabilities the child loses before it execs. The default drops
+        ``NET_RAW``, so a child cannot forge ARP or router advertisements to its neighbours
+        on the bridge (reliability.md S5). That is stricter than Docker, which keeps NET_RAW
+        (Podman drops it); ``cap_drop=()`` gives Docker's behaviour. Ping still works: the
+        child's ``ping_group_range`` allows ICMP sockets without it. ``publish``: Docker ``-p`` specs. Raises
         InputError for bad input, before anything in the kernel changes.
         """
         plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
         argv = check_argv(argv)
         env = check_env(env)
+        caps_mask(cap_drop, "cap_drop")         # InputError before anything is wired
         wiring = _Wiring(self, plan)
         try:
             child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
                                 hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
-                                pass_fds=tuple(pass_fds), before_exec=wiring.before_exec)
+                                pass_fds=tuple(pass_fds), before_exec=wiring.before_exec,
+                                caps_drop=cap_drop)
             checkpoint("lab.spawned")
         except BaseException:
             wiring.undo()

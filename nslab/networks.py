@@ -253,6 +253,7 @@ class BridgeNetwork:
             for path, value in CONTAINER_SYSCTLS.items():
                 with open("/proc/sys/" + path, "w") as f:
                     f.write(value)
+            _announce(interface.ip)
         return netns.call_async(inside)
 
     def detach(self, owner: str) -> None:
@@ -297,6 +298,28 @@ class BridgeNetwork:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.endpoints)} endpoints"
         return f"<BridgeNetwork {self.name} {self.bridge} {self.subnet} gw {self.gateway}: {state}>"
+
+
+def _announce(ip: ipaddress.IPv4Address, ifname: str = "eth0") -> None:
+    """Send a gratuitous ARP for ``ip`` out of ``ifname`` (we are inside the container netns).
+
+    eth0's MAC is random (as Docker 28+), so an address reused after a container went away
+    comes back with a new MAC; until told, the host and the other containers keep sending to
+    the old one for seconds. Docker 28 sends this announcement too; a gratuitous ARP
+    overrides existing neighbour entries (net/ipv4/arp.c, is_garp).
+    """
+    import socket
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+    try:
+        sock.bind((ifname, 0x0806))
+        mac = sock.getsockname()[4]
+        addr = ip.packed
+        frame = (b"\xff" * 6 + mac + b"\x08\x06"                   # Ethernet: broadcast, ARP
+                 + b"\x00\x01\x08\x00\x06\x04\x00\x01"          # Ethernet/IPv4, request
+                 + mac + addr + b"\x00" * 6 + addr)                 # sender = target = ip
+        sock.send(frame)
+    finally:
+        sock.close()
 
 
 def socket_in_current():

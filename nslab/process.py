@@ -116,7 +116,30 @@ _STEP_SYSCALLS = {
     lib.NSLAB_STEP_CLOEXEC: "fcntl",
     lib.NSLAB_STEP_EXECVE: "execve",
     lib.NSLAB_STEP_SIGNALS: "sigaction",
+    lib.NSLAB_STEP_CAPS: "prctl(PR_CAPBSET_DROP)/capset",
 }
+
+# capabilities(7) by name, for caps_drop= (the kernel's numbering: linux/capability.h).
+CAPABILITIES = {name: number for number, name in enumerate((
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE"))}
+
+
+def caps_mask(names: Iterable[str], field: str = "caps_drop") -> int:
+    """``("NET_RAW", "CAP_SYS_ADMIN")`` -> a bit mask; unknown names are an InputError."""
+    if isinstance(names, str):
+        names = (names,)
+    mask = 0
+    for name in names:
+        key = name.upper().removeprefix("CAP_") if isinstance(name, str) else None
+        if key not in CAPABILITIES:
+            raise InputError(field, "not a capability name (capabilities(7), e.g. NET_RAW)", name)
+        mask |= 1 << CAPABILITIES[key]
+    return mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +201,7 @@ class Child:
               before_exec: "Callable[[Child], None] | None" = None,
               user_map: "UserMap | None" = None,
               cgroup: "str | int | None" = None,
+              caps_drop: Iterable[str] = (),
               _trampoline_flags: int = 0) -> "Child":
         """Start ``argv`` in the namespaces ``new`` creates and ``join`` enters.
 
@@ -185,13 +209,16 @@ class Child:
         mount namespace, unless it contains a ``/``. ``hostname`` needs a new or joined uts
         namespace (so it can never rename the host). ``pass_fds`` survive with their numbers;
         every other fd except 0-2 is closed in the child, inheritable or not. ``cgroup`` (a
-        cgroup v2 directory or an fd of one) starts the child in that cgroup.
+        cgroup v2 directory or an fd of one) starts the child in that cgroup. ``caps_drop``
+        (names like ``"NET_RAW"``) leaves those capabilities out of the child's bounding,
+        effective, permitted and inheritable sets before it execs.
 
         Raises :class:`~nslab.errors.InputError` on bad arguments (nothing started),
         :class:`~nslab.errors.SpawnError` (or its ``Spawn*Error`` subclasses) naming the
         failed step, or whatever ``before_exec`` raised (the child is then killed and reaped).
         """
         argv_b = _check_argv(argv)
+        drop_mask = caps_mask(caps_drop)
         kinds = _check_new(new)
         joins = _check_join(join, kinds)
         env_b = _env_list(env)
@@ -236,6 +263,7 @@ class Child:
         a.clone_flags = sum(KINDS[k].flag for k in kinds)
         a.pdeathsig = signal.SIGKILL if die_with_parent else 0
         a.flags = _trampoline_flags
+        a.caps_drop = drop_mask
         join_fds = ffi.new("int[]", [ns.fileno() for ns in joins] or [0])
         join_types = ffi.new("int[]", [ns.kind.flag for ns in joins] or [0])
         keep_arr = ffi.new("int[]", keep or [0])

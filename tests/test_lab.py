@@ -336,3 +336,21 @@ def test_nat_backend_sets_hairpin_on_the_bridge_port(lab):
         info = lab.host.rtnl.ipr.brport("show", index=index)[0].get_attr("IFLA_PROTINFO")
         return dict(info["attrs"]).get("IFLA_BRPORT_MODE")
     assert mode(c) == 1 and mode(d) == 0
+
+
+def caps_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":\t", 1) for line in f if line.startswith("Cap"))
+    return {k: int(v, 16) for k, v in fields.items()}
+
+
+@pytest.mark.root
+def test_children_lose_net_raw_unless_asked(lab):
+    """By default a child has no CAP_NET_RAW (no ARP/RA forging); cap_drop=() keeps Docker's set."""
+    strict = lab.spawn(["sleep", "30"])
+    docker_like = lab.spawn(["sleep", "30"], cap_drop=())
+    NET_RAW = 1 << 13
+    assert not caps_of(strict.pid)["CapBnd"] & NET_RAW and not caps_of(strict.pid)["CapEff"] & NET_RAW
+    assert caps_of(docker_like.pid)["CapEff"] & NET_RAW
+    with pytest.raises(InputError, match="cap_drop"):
+        lab.spawn(["true"], cap_drop=("NET_RAWR",))
