@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import threading
 from typing import Any, Iterable, Sequence
 
 from pyroute2 import IPRoute
@@ -51,6 +52,10 @@ class Rtnl:
     def __init__(self, ns: Namespace):
         self.ns_description = ns.description
         self._ipr: IPRoute | None = IPRoute(use_socket=socket_in(ns))
+        # pyroute2 0.9 binds an IPRoute to the thread that made it (RuntimeError elsewhere):
+        # other threads get a short-lived session of their own, over our handle on the netns.
+        self._owner = threading.get_ident()
+        self._ns = Namespace.from_fd(ns.fileno(), "net")
 
     @property
     def ipr(self) -> IPRoute:
@@ -62,7 +67,12 @@ class Rtnl:
         """Call ``IPRoute.<method>(*args, **kwargs)``; errors name ``obj`` and the namespace.
         Errnos in ``ignore`` return None (for idempotent teardown)."""
         try:
-            return getattr(self.ipr, method)(*args, **kwargs)
+            if threading.get_ident() == self._owner:
+                return getattr(self.ipr, method)(*args, **kwargs)
+            _ = self.ipr                                  # raises if closed
+            with IPRoute(use_socket=socket_in(self._ns)) as ipr:
+                result = getattr(ipr, method)(*args, **kwargs)
+                return list(result) if hasattr(result, "__next__") else result
         except NetlinkError as exc:
             if exc.code in tuple(ignore):
                 return None
@@ -104,6 +114,7 @@ class Rtnl:
         ipr, self._ipr = self._ipr, None
         if ipr is not None:
             ipr.close()
+            self._ns.close()
 
     @property
     def closed(self) -> bool:

@@ -302,10 +302,11 @@ class Namespace:
         """
         name = _check_persist_name(name)
         path = os.path.join(run_dir, name)
+        made_dir = not os.path.isdir(run_dir)
         os.makedirs(run_dir, mode=0o755, exist_ok=True)
         with _locked(run_dir):
             if run_dir == NETNS_RUN_DIR:
-                _make_shared_mount(run_dir)
+                _note_run_dir(made_dir, _make_shared_mount(run_dir))
             try:
                 os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
                 checkpoint("netns.name_file")
@@ -368,6 +369,8 @@ def remove_persisted(name: str, run_dir: str = NETNS_RUN_DIR, missing_ok: bool =
     except FileNotFoundError:
         if not missing_ok:
             raise from_errno(errno.ENOENT, "unlink", f"netns name {path}") from None
+    if run_dir == NETNS_RUN_DIR:
+        _undo_run_dir_if_ours(run_dir)
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -425,14 +428,48 @@ def _locked(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _make_shared_mount(run_dir: str) -> None:
+def _make_shared_mount(run_dir: str) -> bool:
     """What ip netns does: make run_dir a shared mount so netns mounts propagate to other
-    mount namespaces; if it is not a mount point yet (EINVAL), bind it onto itself first."""
+    mount namespaces; if it is not a mount point yet (EINVAL), bind it onto itself first.
+    Returns True if it made that self-bind."""
     try:
         _native.mount("none", run_dir, None, _native.MS_SHARED | _native.MS_REC)
+        return False
     except NslabError as exc:
         if exc.errno != errno.EINVAL:
             raise
         _native.mount(run_dir, run_dir, "none", _native.MS_BIND | _native.MS_REC)
         _native.mount("none", run_dir, None, _native.MS_SHARED | _native.MS_REC)
+        return True
+
+
+# iproute2 leaves /run/netns (and its self-bind mount) behind after the last `ip netns del`.
+# nslab leaves the machine as it found it: if it made them, it removes them with the last
+# name. What it made is noted outside /run/netns (a file inside would show as a netns).
+_RUN_DIR_MARK = "/run/nslab/made-run-netns"
+
+
+def _note_run_dir(made_dir: bool, made_bind: bool) -> None:
+    if not (made_dir or made_bind) or os.path.exists(_RUN_DIR_MARK):
+        return
+    os.makedirs(os.path.dirname(_RUN_DIR_MARK), mode=0o700, exist_ok=True)
+    with open(_RUN_DIR_MARK, "w") as f:
+        f.write(("dir " if made_dir else "") + ("bind" if made_bind else ""))
+
+
+def _undo_run_dir_if_ours(run_dir: str) -> None:
+    """With the last name gone, remove the self-bind and the directory nslab made."""
+    try:
+        with open(_RUN_DIR_MARK) as f:
+            made = f.read().split()
+    except FileNotFoundError:
+        return
+    with _locked(run_dir):
+        if os.listdir(run_dir):
+            return
+        if "bind" in made:
+            _native.umount2(run_dir, _native.MNT_DETACH)
+        if "dir" in made:
+            os.rmdir(run_dir)
+        os.unlink(_RUN_DIR_MARK)
 
