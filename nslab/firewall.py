@@ -154,7 +154,7 @@ class Firewall:
 
     def __init__(self, host_ns: Namespace, *, table: str = "nslab", published_via: str = "docker",
                  owner: bool = True):
-        if not isinstance(table, str) or not _TABLE_NAME.match(table):
+        if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
             raise InputError("table", "an nft table name: a letter, then up to 63 letters, "
                              "digits, '_' or '-'", table)
         if published_via not in BACKENDS:
@@ -739,7 +739,7 @@ def _cmdline(pid: str) -> str:
 def delete_table(host_ns: Namespace, table: str = "nslab") -> bool:
     """Delete a leftover nslab table (one made with ``owner=False``): the firewall's ``gc``.
     True if it was there. An owned table needs no gc: it dies with its process."""
-    if not isinstance(table, str) or not _TABLE_NAME.match(table):
+    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table):
         raise InputError("table", "an nft table name", table)
     nf = Netfilter(socket_in(host_ns, proto=NETLINK_NETFILTER), f"netns {host_ns.description}")
     try:

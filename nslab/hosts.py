@@ -68,7 +68,7 @@ def _sysctl_path(name: object) -> str:
     """``net.ipv4.ip_forward`` -> ``/proc/sys/net/ipv4/ip_forward``; anything that could
     walk elsewhere (``..``, ``/``, NUL, empty parts) is an InputError."""
     if not isinstance(name, str) or not name or len(name) > 255 \
-            or not all(_SYSCTL_PART.match(part) for part in name.split(".")):
+            or not all(_SYSCTL_PART.fullmatch(part) for part in name.split(".")):
         raise InputError("sysctl", "expected a dotted name like net.ipv4.ip_forward "
                          "(letters, digits, '_' and '-' between the dots)", name)
     return "/proc/sys/" + name.replace(".", "/")

@@ -242,7 +242,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def validate_network_name(name: object, field: str = "network") -> str:
     """A network name safe as a file name here (and in any shell): 1-64 letters, digits,
     ``.``, ``_`` or ``-``, starting with a letter or digit."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InputError(field, "use 1-64 letters, digits, '.', '_' or '-', starting with a "
                                 "letter or digit", name)
     return name

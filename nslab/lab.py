@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 import secrets
 import threading
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -30,7 +31,7 @@ from .errors import InputError, NslabError
 from .hosts import CurrentHost, Host, SandboxHost, scratch_root
 from .modes import Mode, check_container_name, parse_mode
 from .namespaces import KINDS, Namespace, kind_of
-from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint
+from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint, check_network_name
 from .process import Child, caps_mask
 from .records import LabRecord
 from ._faults import checkpoint
@@ -69,11 +70,13 @@ def check_env(env: object, field: str = "env") -> dict[str, str] | None:
     return dict(env)
 
 
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,63}")   # ASCII: isalnum() takes 'é'
+
+
 def _check_hostname(hostname: object) -> str | None:
     if hostname is None:
         return None
-    if not isinstance(hostname, str) or not 0 < len(hostname.encode()) <= 64 \
-            or not all(c.isalnum() or c in "-." for c in hostname) or hostname[0] in "-.":
+    if not isinstance(hostname, str) or not _HOSTNAME_RE.fullmatch(hostname):
         raise InputError("hostname", "1-64 letters, digits, '-' or '.', not starting with '-' or '.'", hostname)
     return hostname
 
@@ -271,6 +274,8 @@ class Lab:
     def network(self, name: str = _modes.DEFAULT_NETWORK, *, subnet=None) -> BridgeNetwork:
         """The bridge network ``name``, created on first use (``docker network create``)."""
         self._check_open()
+        if name != _modes.DEFAULT_NETWORK:
+            check_network_name(name)           # before it is used as a key
         with self._lock:
             if name in self.networks:
                 if subnet is not None and self.networks[name].subnet != _as_network(subnet):
@@ -376,6 +381,8 @@ class Lab:
                              "(Docker: Conflict. The container name is already in use)", name)
         if isinstance(new, str):
             new = (new,)
+        if isinstance(new, (bytes, bytearray)) or not isinstance(new, Iterable):
+            raise InputError("new", "expected namespace kinds, e.g. ('pid', 'mnt')", new)
         new_kinds = []
         for k in new:
             kind = kind_of(k).name
@@ -387,6 +394,8 @@ class Lab:
         if hostname and m.kind == "container":
             raise InputError("hostname", "conflicting options: hostname and the network mode", hostname)
         mappings = parse_publish(publish)
+        if strict_publish is not None and not isinstance(strict_publish, bool):
+            raise InputError("strict_publish", "must be True, False or None", strict_publish)
         strict = self.strict_publish if strict_publish is None else strict_publish
         warning = check_publish_for_mode(m.kind, mappings, strict=strict)
         via = self.published_via if published_via is None else check_published_via(published_via, self.host.kind)

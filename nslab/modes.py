@@ -28,7 +28,7 @@ def check_container_name(name: object, field: str = "container name") -> str:
     """Docker's container-name rule (``[a-zA-Z0-9][a-zA-Z0-9_.-]+``), at most 64 characters."""
     if not isinstance(name, str):
         raise InputError(field, "must be a string", name)
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise InputError(field, "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
                          name)
     return name
@@ -72,6 +72,6 @@ def parse_mode(value: object) -> Mode:
         return Mode("bridge", network=DEFAULT_NETWORK)
     if ":" in value:
         raise InputError("mode", "unknown network mode (did you mean container:<name>?)", value)
-    if not _NAME_RE.match(value):
+    if not _NAME_RE.fullmatch(value):
         raise InputError("mode", "not a network mode nor a valid network name", value)
     return Mode("bridge", network=value)

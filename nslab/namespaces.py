@@ -86,7 +86,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def _check_persist_name(name: object) -> str:
     if not isinstance(name, str):
         raise InputError("netns name", "must be a string", name)
-    if not _NAME_RE.match(name) or name in (".", ".."):
+    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
         raise InputError("netns name", "use 1-64 letters, digits, '.', '_' or '-', "
                                        "starting with a letter or digit", name)
     return name

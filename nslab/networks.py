@@ -70,7 +70,7 @@ def check_network_name(name: object, field: str = "network name") -> str:
     """Docker's network-name rule, plus a length limit; nothing a shell could misread."""
     if not isinstance(name, str):
         raise InputError(field, "must be a string", name)
-    if not name or len(name) > 64 or not _NAME_RE.match(name):
+    if not name or len(name) > 64 or not _NAME_RE.fullmatch(name):
         raise InputError(field, "use 1-64 letters, digits, '_', '.' or '-', starting with a letter "
                                 "or digit", name)
     if name in ("host", "none") or name.startswith("container:"):
@@ -79,7 +79,7 @@ def check_network_name(name: object, field: str = "network name") -> str:
 
 
 def check_ifname(name: object, field: str = "bridge name") -> str:
-    if not isinstance(name, str) or not _IFNAME_RE.match(name):
+    if not isinstance(name, str) or not _IFNAME_RE.fullmatch(name):
         raise InputError(field, f"an interface name is 1-{MAX_IFNAME} bytes of letters, digits, "
                                 "'_', '.' or '-' (the kernel would take more: a shell would misread them)",
                          name)

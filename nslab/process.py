@@ -234,7 +234,7 @@ class Child:
             user_map = (user_map or UserMap.root()).validate()
         elif user_map is not None:
             raise InputError("user_map", "only applies with new=('user', ...)", user_map)
-        cwd_b = None if cwd is None else os.fsencode(cwd)
+        cwd_b = _check_cwd(cwd)
 
         # C-side arguments. `keep_alive` holds every cdata until the child has exec'd: the
         # child reads them (in CLONE_VM mode straight from our memory).
@@ -722,10 +722,22 @@ def _check_join(join, kinds: list[str]) -> list[Namespace]:
     return [seen[k] for k in JOIN_ORDER if k in seen]
 
 
+def _check_cwd(cwd) -> bytes | None:
+    """A path without NUL (C would silently cut it there), or None for the parent's."""
+    if cwd is None:
+        return None
+    if not isinstance(cwd, (str, bytes, os.PathLike)):
+        raise InputError("cwd", "expected a path", cwd)
+    raw = os.fsencode(cwd)
+    if not raw or b"\0" in raw:
+        raise InputError("cwd", "a path is non-empty and has no NUL byte", cwd)
+    return raw
+
+
 def _check_pass_fds(pass_fds) -> list[int]:
     fds = sorted(set(pass_fds))
     for fd in fds:
-        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 3:
+        if not isinstance(fd, int) or isinstance(fd, bool) or not 3 <= fd < 2**31:
             raise InputError("pass_fds", "expected fds >= 3 (0-2 are stdin/stdout/stderr)", fd)
         try:
             os.fstat(fd)
