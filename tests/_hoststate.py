@@ -26,15 +26,26 @@ def _ip(*args):
     return _strip(json.loads(out or "[]"))
 
 
+# Per-interface directories are added for the interfaces that exist (lo, eth0...).
+_SYSCTL_DIRS = ["/proc/sys/net/ipv4", "/proc/sys/net/ipv6/conf/all", "/proc/sys/net/ipv6/conf/default",
+                "/proc/sys/net/ipv4/conf/all", "/proc/sys/net/ipv4/conf/default", "/proc/sys/net/core",
+                "/proc/sys/net/bridge", "/proc/sys/net/netfilter"]
+
+
 def _sysctls():
     values = {}
-    for top in ("/proc/sys/net/ipv4", "/proc/sys/net/ipv6/conf/all", "/proc/sys/net/ipv6/conf/default",
-                "/proc/sys/net/ipv4/conf/all", "/proc/sys/net/ipv4/conf/default", "/proc/sys/net/core"):
+    dirs = list(_SYSCTL_DIRS)
+    for family in ("ipv4", "ipv6"):
+        conf = f"/proc/sys/net/{family}/conf"
+        if os.path.isdir(conf):
+            dirs += [os.path.join(conf, d) for d in sorted(os.listdir(conf)) if d not in ("all", "default")]
+    for top in dirs:
         if not os.path.isdir(top):
             continue
         for name in sorted(os.listdir(top)):
             path = os.path.join(top, name)
-            if os.path.isfile(path) and os.access(path, os.R_OK) and "stat" not in name:
+            if os.path.isfile(path) and os.access(path, os.R_OK) and "stat" not in name \
+                    and not name.endswith("_count"):   # counters move with any traffic
                 try:
                     with open(path) as f:
                         values[path] = f.read().strip()
@@ -53,7 +64,9 @@ def snapshot() -> dict:
         "links": _ip("link", "show"),
         "addresses": _ip("addr", "show"),
         "routes": _ip("route", "show", "table", "all"),
+        "routes6": _ip("-6", "route", "show", "table", "all"),
         "rules": _ip("rule", "show"),
+        "rules6": _ip("-6", "rule", "show"),
         "sysctls": _sysctls(),
         "mounts": _mounts(),
         "netns": sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else None,
