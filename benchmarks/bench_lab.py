@@ -135,10 +135,10 @@ def bench_ready(rounds: int, batch: int = 5) -> dict:
     return samples
 
 
-def bench_scale(n: int) -> dict:
+def bench_scale(n: int, gratuitous_arp: bool = True) -> dict:
     per_child = []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with Lab() as lab:
+    with Lab(gratuitous_arp=gratuitous_arp) as lab:
         lab.spawn(["true"]).close()
         containers = []
         t_all = time.perf_counter()
@@ -176,13 +176,13 @@ def bench_scale(n: int) -> dict:
             left = [l.get_attr("IFLA_IFNAME") for l in rtnl.links() if l.get_attr("IFLA_IFNAME").startswith("veth")]
     first10 = statistics.median(per_child[:10])
     last10 = statistics.median(per_child[-10:])
-    return {"n": n, "setup_total": setup_total, "first10": first10, "last10": last10,
+    return {"n": n, "gratuitous_arp": gratuitous_arp, "setup_total": setup_total, "first10": first10, "last10": last10,
             "ratio": last10 / first10, "answered": answered, "probe_time": probe_time,
             "teardown": teardown, "veths_left": len(left),
             "rss_per_child_kb": (rss1 - rss0) / n}
 
 
-def report(ready: dict, scale: dict | None) -> str:
+def report(ready: dict, scales: list) -> str:
     base = statistics.median(ready["ip commands"])
     lines = ["## Lab: child ready per mode", "", f"Machine: {machine_facts()}.", "",
              "| mode | median ms | p99 ms | ratio to the `ip` sequence | samples |",
@@ -194,14 +194,15 @@ def report(ready: dict, scale: dict | None) -> str:
     lines += ["", f"Targets: bridge median ≤ 3 ms → **{ms(bridge)} ms** "
               f"({'met' if bridge <= 0.003 else 'not met'}); ≤ 0.15 × the `ip` sequence → "
               f"**{bridge / base:.3f}×** ({'met' if bridge / base <= 0.15 else 'not met'})."]
-    if scale:
-        lines += ["", f"### Scale: {scale['n']} bridge children on one sandbox host", "",
-                  f"- setup {scale['setup_total']:.2f} s in all; per child {ms(scale['first10'])} ms "
-                  f"(first 10) vs {ms(scale['last10'])} ms (last 10): **{scale['ratio']:.2f}×** (target ≤ 1.5×)",
-                  f"- reachable from the host (RST from the child's kernel): **{scale['answered']}/{scale['n']}** "
-                  f"in {scale['probe_time']:.2f} s",
-                  f"- teardown {scale['teardown']:.2f} s; veths left on the bridge: **{scale['veths_left']}**",
-                  f"- controller memory (max RSS growth) per child: {scale['rss_per_child_kb']:.1f} KiB"]
+    for sc in scales:
+        garp = "on (Docker 28+)" if sc["gratuitous_arp"] else "off"
+        lines += ["", f"### Scale: {sc['n']} bridge children on one sandbox host, gratuitous ARP {garp}", "",
+                  f"- setup {sc['setup_total']:.2f} s in all; per child {ms(sc['first10'])} ms "
+                  f"(first 10) vs {ms(sc['last10'])} ms (last 10): **{sc['ratio']:.2f}×** (target ≤ 1.5×)",
+                  f"- reachable from the host (RST from the child's kernel): **{sc['answered']}/{sc['n']}** "
+                  f"in {sc['probe_time']:.2f} s",
+                  f"- teardown {sc['teardown']:.2f} s; veths left on the bridge: **{sc['veths_left']}**",
+                  f"- controller memory (max RSS growth) per child: {sc['rss_per_child_kb']:.1f} KiB"]
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +226,8 @@ def main() -> int:
         print("needs root (it creates namespaces and links, inside a sandbox host)", file=sys.stderr)
         return errno.EPERM
     ready = bench_ready(args.rounds)
-    scale = bench_scale(args.scale) if args.scale else None
-    text = report(ready, scale)
+    scales = [bench_scale(args.scale, garp) for garp in (True, False)] if args.scale else []
+    text = report(ready, scales)
     print(text)
     if args.write_results:
         write_section(text, "## Lab: child ready per mode")

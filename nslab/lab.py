@@ -230,14 +230,20 @@ class Lab:
     ``published_via``: how published ports are served: ``"docker"`` (DNAT + userland proxy,
     Docker's default), ``"nat"`` (kernel only, Docker's ``userland-proxy: false``) or
     ``"proxy"`` (userland proxy only).
+    ``gratuitous_arp``: announce each bridge container's address as Docker 28+ does (see
+    :class:`~nslab.networks.BridgeNetwork`); off makes spawns in a lab of hundreds cheaper.
     """
 
     def __init__(self, host: "str | Host" = "sandbox", *, published_via: str = "docker",
-                 allow_forwarding: bool = False, strict_publish: bool = False):
+                 allow_forwarding: bool = False, strict_publish: bool = False,
+                 gratuitous_arp: bool = True):
         self.published_via = check_published_via(
             published_via, host.kind if isinstance(host, Host) else str(host))
         if not isinstance(strict_publish, bool):
             raise InputError("strict_publish", "must be True or False", strict_publish)
+        if not isinstance(gratuitous_arp, bool):
+            raise InputError("gratuitous_arp", "must be True or False", gratuitous_arp)
+        self.gratuitous_arp = gratuitous_arp
         if not (isinstance(host, Host) or host in ("sandbox", "current")):
             raise InputError("host", "expected 'sandbox', 'current' or a Host", host)
         if not isinstance(allow_forwarding, bool):
@@ -283,7 +289,8 @@ class Lab:
                                      subnet)
                 return self.networks[name]
             bridge = DEFAULT_BRIDGE if name == _modes.DEFAULT_NETWORK else None
-            net = BridgeNetwork(self.host, name, subnet=subnet, bridge=bridge, tag=f"nslab:{self.id}")
+            net = BridgeNetwork(self.host, name, subnet=subnet, bridge=bridge, tag=f"nslab:{self.id}",
+                                gratuitous_arp=self.gratuitous_arp)
             try:
                 self.firewall.add_network(net.bridge, net.subnet)
             except BaseException:

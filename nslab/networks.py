@@ -111,8 +111,14 @@ class BridgeNetwork:
     """A bridge, its subnet and its IPAM, in one host namespace. Close to remove the bridge."""
 
     def __init__(self, host: Host, name: str, *, subnet=None, bridge: str | None = None,
-                 tag: str = "nslab"):
-        """``tag`` goes into the bridge's alias (``tag:name``) so it can be found by identity."""
+                 tag: str = "nslab", gratuitous_arp: bool = True):
+        """``tag`` goes into the bridge's alias (``tag:name``) so it can be found by identity.
+
+        ``gratuitous_arp``: announce each new container's address (Docker 28+), so a reused
+        address is reachable at once. The announcement is broadcast to every port of the
+        bridge, which makes each spawn O(ports) in the kernel: turn it off for labs of
+        hundreds of containers (benchmarks/RESULTS.md has both figures)."""
+        self.gratuitous_arp = bool(gratuitous_arp)
         self.name = check_network_name(name)
         self.bridge = check_ifname(bridge) if bridge else "br-" + secrets.token_hex(6)
         # Docker skips pools overlapping the host's on-link routes and its nameservers, so a
@@ -241,19 +247,35 @@ class BridgeNetwork:
     def _configure_inside(self, netns: Namespace, interface: ipaddress.IPv4Interface) -> Callable[[], None]:
         """Start configuring the container side; the returned function waits for it."""
         gateway = self.gateway
+        announce = self.gratuitous_arp
 
         def inside() -> None:
-            sock = socket_in_current()
-            try:
-                index = link_index_raw(sock, "eth0")
-                send_batch(sock, [link_up("lo"), link_up("eth0"), address_add(index, interface, "eth0"),
-                                  default_route_add(gateway, index)], netns.description)
-            finally:
-                sock.close()
             for path, value in CONTAINER_SYSCTLS.items():
                 with open("/proc/sys/" + path, "w") as f:
                     f.write(value)
-            _announce(interface.ip)
+            # eth0's MAC is random (as Docker 28+), so an address reused after a container went
+            # away comes back with a new MAC, and the host and the other containers would keep
+            # sending to the old one for seconds. Docker 28 sends a gratuitous ARP; the kernel
+            # does it for us when eth0 comes up with its address already on it (arp_notify), which
+            # costs nothing, where an AF_PACKET socket's close waits an RCU grace period (~12 ms).
+            if announce:
+                with open("/proc/sys/net/ipv4/conf/eth0/arp_notify", "w") as f:
+                    f.write("1")
+            # Docker 26+ disables IPv6 on a container's interface in an IPv4-only network
+            # (moby#47963). Before eth0 comes up, so it never floods link-local DAD, router
+            # solicitations and MLD reports to every port of the bridge.
+            try:
+                with open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as f:
+                    f.write("1")
+            except FileNotFoundError:
+                pass  # a kernel without IPv6
+            sock = socket_in_current()
+            try:
+                index = link_index_raw(sock, "eth0")
+                send_batch(sock, [link_up("lo"), address_add(index, interface, "eth0"), link_up("eth0"),
+                                  default_route_add(gateway, index)], netns.description)
+            finally:
+                sock.close()
         return netns.call_async(inside)
 
     def detach(self, owner: str) -> None:
@@ -298,28 +320,6 @@ class BridgeNetwork:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.endpoints)} endpoints"
         return f"<BridgeNetwork {self.name} {self.bridge} {self.subnet} gw {self.gateway}: {state}>"
-
-
-def _announce(ip: ipaddress.IPv4Address, ifname: str = "eth0") -> None:
-    """Send a gratuitous ARP for ``ip`` out of ``ifname`` (we are inside the container netns).
-
-    eth0's MAC is random (as Docker 28+), so an address reused after a container went away
-    comes back with a new MAC; until told, the host and the other containers keep sending to
-    the old one for seconds. Docker 28 sends this announcement too; a gratuitous ARP
-    overrides existing neighbour entries (net/ipv4/arp.c, is_garp).
-    """
-    import socket
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
-    try:
-        sock.bind((ifname, 0x0806))
-        mac = sock.getsockname()[4]
-        addr = ip.packed
-        frame = (b"\xff" * 6 + mac + b"\x08\x06"                   # Ethernet: broadcast, ARP
-                 + b"\x00\x01\x08\x00\x06\x04\x00\x01"          # Ethernet/IPv4, request
-                 + mac + addr + b"\x00" * 6 + addr)                 # sender = target = ip
-        sock.send(frame)
-    finally:
-        sock.close()
 
 
 def socket_in_current():
