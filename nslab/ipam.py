@@ -45,10 +45,10 @@ import fcntl
 import ipaddress
 import json
 import os
-import re
 import threading
 from typing import Callable, Iterable, Iterator
 
+from ._names import check_name
 from .errors import InputError, NslabError, ResourceExhaustedError, from_errno
 
 __all__ = [
@@ -236,16 +236,12 @@ def validate_subnet(value: object, field: str = "subnet",
     return net
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def validate_network_name(name: object, field: str = "network") -> str:
     """A network name safe as a file name here (and in any shell): 1-64 letters, digits,
     ``.``, ``_`` or ``-``, starting with a letter or digit."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise InputError(field, "use 1-64 letters, digits, '.', '_' or '-', starting with a "
-                                "letter or digit", name)
-    return name
+    return check_name(name, field)
 
 
 # --- the allocator --------------------------------------------------------------------------

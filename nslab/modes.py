@@ -14,24 +14,18 @@ kernel changes.
 from __future__ import annotations
 
 import dataclasses
-import re
 
+from ._names import SAFE_NAME, check_name
 from .errors import InputError
 
 __all__ = ["Mode", "parse_mode", "check_container_name", "DEFAULT_NETWORK"]
 
 DEFAULT_NETWORK = "bridge"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def check_container_name(name: object, field: str = "container name") -> str:
     """Docker's container-name rule (``[a-zA-Z0-9][a-zA-Z0-9_.-]+``), at most 64 characters."""
-    if not isinstance(name, str):
-        raise InputError(field, "must be a string", name)
-    if not _NAME_RE.fullmatch(name):
-        raise InputError(field, "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
-                         name)
-    return name
+    return check_name(name, field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +66,6 @@ def parse_mode(value: object) -> Mode:
         return Mode("bridge", network=DEFAULT_NETWORK)
     if ":" in value:
         raise InputError("mode", "unknown network mode (did you mean container:<name>?)", value)
-    if not _NAME_RE.fullmatch(value):
+    if not SAFE_NAME.fullmatch(value):
         raise InputError("mode", "not a network mode nor a valid network name", value)
     return Mode("bridge", network=value)

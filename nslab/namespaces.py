@@ -23,12 +23,12 @@ import dataclasses
 import errno
 import fcntl
 import os
-import re
 import signal
 import threading
 from typing import Callable, Iterator, TypeVar
 
 from . import _native
+from ._names import check_name
 from .errors import InputError, NslabError, from_errno
 from ._faults import checkpoint
 
@@ -80,16 +80,10 @@ def kind_of(value: "str | int | NamespaceKind") -> NamespaceKind:
 
 # Names a user gives a persisted netns: what `ip netns` accepts, minus anything a shell or a
 # path could misread (the kernel and iproute2 accept `x;id`: reliability.md).
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 def _check_persist_name(name: object) -> str:
-    if not isinstance(name, str):
-        raise InputError("netns name", "must be a string", name)
-    if not _NAME_RE.fullmatch(name) or name in (".", ".."):
-        raise InputError("netns name", "use 1-64 letters, digits, '.', '_' or '-', "
-                                       "starting with a letter or digit", name)
-    return name
+    return check_name(name, "netns name")
 
 
 class Namespace:

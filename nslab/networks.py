@@ -28,6 +28,7 @@ import threading
 from typing import Callable
 
 from . import ipam as _ipam
+from ._names import check_name
 from ._netlink import GONE, address_add, default_route_add, link_index_raw, link_up, send_batch
 from .errors import InputError, NslabError
 from .hosts import Host, write_sysctl
@@ -62,17 +63,12 @@ CONTAINER_SYSCTLS = {
     "net/ipv4/ping_group_range": _ping_group_range(),
 }
 MAX_IFNAME = 15                    # IFNAMSIZ - 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
 
 def check_network_name(name: object, field: str = "network name") -> str:
     """Docker's network-name rule, plus a length limit; nothing a shell could misread."""
-    if not isinstance(name, str):
-        raise InputError(field, "must be a string", name)
-    if not name or len(name) > 64 or not _NAME_RE.fullmatch(name):
-        raise InputError(field, "use 1-64 letters, digits, '_', '.' or '-', starting with a letter "
-                                "or digit", name)
+    check_name(name, field)
     if name in ("host", "none") or name.startswith("container:"):
         raise InputError(field, f"{name!r} is a network mode, not a network name", name)
     return name
