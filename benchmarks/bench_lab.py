@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import platform
 import resource
 import secrets
 import socket
@@ -31,9 +30,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from nslab import Lab  # noqa: E402
+from _results import machine_line, write_section  # noqa: E402
 from nslab.namespaces import Namespace, remove_persisted  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 
 
 def pct(values, q):
@@ -44,16 +43,6 @@ def pct(values, q):
 def ms(v):
     return f"{v * 1000:.2f}"
 
-
-def machine_facts() -> str:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{time.strftime('%Y-%m-%d')}, {cpu}, {os.cpu_count()} cores, kernel {platform.release()}, "
-            f"Python {platform.python_version()}")
 
 
 class IpSequence:
@@ -110,7 +99,7 @@ def bench_ready(rounds: int, batch: int = 5) -> dict:
     samples = {"bridge": [], "none": [], "container": [], "host": [], "bridge under churn": [],
                "ip commands": []}
     with Lab() as lab:
-        owner = lab.spawn(["sleep", "600"], name="owner")  # noqa: F841 - the container: mode target
+        lab.spawn(["sleep", "600"], name="owner")  # the container: mode target
         ipseq = IpSequence(lab)
         try:
             for _ in range(3):   # warm-up: imports, first bridge, caches
@@ -184,7 +173,7 @@ def bench_scale(n: int, gratuitous_arp: bool = True) -> dict:
 
 def report(ready: dict, scales: list) -> str:
     base = statistics.median(ready["ip commands"])
-    lines = ["## Lab: child ready per mode", "", f"Machine: {machine_facts()}.", "",
+    lines = ["## Lab: child ready per mode", "", f"Machine: {machine_line()}.", "",
              "| mode | median ms | p99 ms | ratio to the `ip` sequence | samples |",
              "|---|---|---|---|---|"]
     for mode, vals in ready.items():
@@ -206,15 +195,6 @@ def report(ready: dict, scales: list) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, heading: str) -> None:
-    old = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n\n"
-    start = old.find(heading)
-    if start >= 0:
-        nxt = old.find("\n## ", start + len(heading))
-        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
-    with open(RESULTS, "w") as f:
-        f.write(old.rstrip() + "\n\n" + text)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -230,7 +210,7 @@ def main() -> int:
     text = report(ready, scales)
     print(text)
     if args.write_results:
-        write_section(text, "## Lab: child ready per mode")
+        write_section(text)
     return 0
 
 

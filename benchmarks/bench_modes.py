@@ -18,15 +18,14 @@ VM the cross-CPU wakeup of the split placement hides most of the stack's cost.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import pathlib
 import sys
 
 from nslab.bench import CHECKS, DEFAULT_TESTS, PATHS, PINS, run_bench
+from _results import RESULTS, write_section  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Datapath per mode"
 
 
@@ -62,24 +61,6 @@ def section(report, argv: list, same_cpu=None) -> str:
         "",
     ])
 
-
-def write_section(text: str) -> None:
-    """Replace (or add) only our section of RESULTS.md, re-reading it right before the write
-    (other benchmarks write their sections concurrently)."""
-    RESULTS.touch(exist_ok=True)
-    with open(RESULTS, "r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)       # cooperative: guards against our own twins
-        old = f.read()
-        start = old.find(SECTION + "\n")
-        if start < 0:
-            new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + text.rstrip("\n") + "\n"
-        else:
-            nxt = old.find("\n## ", start + len(SECTION))
-            rest = "" if nxt < 0 else "\n" + old[nxt + 1:]
-            new = old[:start] + text.rstrip("\n") + "\n" + rest
-        f.seek(0)
-        f.write(new)
-        f.truncate()
 
 
 def main(argv=None) -> int:

@@ -46,6 +46,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from nslab._netlink import Rtnl, socket_in  # noqa: E402
+from _results import RESULTS, write_section  # noqa: E402
 from nslab.firewall import Firewall  # noqa: E402
 from nslab.namespaces import Namespace  # noqa: E402
 
@@ -56,7 +57,6 @@ except ImportError:  # pragma: no cover - depends on the build
 
 HOST_UPLINK, OUTSIDE, C1, GW = "203.0.113.1", "203.0.113.2", "172.17.0.2", "172.17.0.1"
 SERVER_PORT = 5001
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Publishing"
 
 
@@ -258,17 +258,6 @@ def markdown(res: dict) -> str:
                   "between rounds on this shared machine: compare medians, and rerun.", ""]
     return "\n".join(lines)
 
-
-def write_section(text: str) -> None:
-    """Replace (or add) only the ``## Publishing`` section of RESULTS.md."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("" if nxt < 0 else old[nxt + 1:])
-    RESULTS.write_text(new)
 
 
 def main() -> int:

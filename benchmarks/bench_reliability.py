@@ -23,6 +23,8 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from _results import write_section
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -30,7 +32,6 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-RESULTS = HERE / "RESULTS.md"
 SECTION = "## Reliability"
 
 
@@ -208,16 +209,6 @@ def report(r: dict, quick: bool) -> str:
         lines += ["Residue / violations found:", ""] + [f"- {p}" for p in problems[:30]] + [""]
     return "\n".join(lines)
 
-
-def write_section(text: str) -> None:
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text + "\n"
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "\n")
-    RESULTS.write_text(new)
 
 
 def main() -> int:

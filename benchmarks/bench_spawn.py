@@ -22,23 +22,19 @@ It prints a markdown section; --write-results puts it into benchmarks/RESULTS.md
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import pathlib
-import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
 import time
 
+from _results import RESULTS, machine_line, write_section
 from nslab import _native
 from nslab.namespaces import Namespace
 from nslab.process import Child, call_in_child
 
 TRUE = "/bin/true"
-RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 
 
 # --- the methods: each returns the seconds one child (or one netns) took -----------------
@@ -122,25 +118,9 @@ def p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100)[98]
 
 
-def machine() -> str:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores; Linux {platform.release()}; "
-            f"Python {platform.python_version()}; {date}; load average before the run {load} "
-            "(a shared machine: compare ratios, not absolute times)")
-
 
 def run(rounds: int, warmup: int, calls: int) -> str:
-    where = machine()
+    where = machine_line()
     samples: dict[str, list[float]] = {name: [] for name in METHODS}
     names = list(METHODS)
     for i in range(warmup + rounds):
@@ -202,17 +182,6 @@ def run(rounds: int, warmup: int, calls: int) -> str:
     lines += ["", f"({calls} calls each.)", ""]
     return "\n".join(lines)
 
-
-def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
-    """Replace the `## Spawn` section of RESULTS.md (or add it), leaving the rest alone."""
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(r"^## Spawn\n.*?(?=^## |\Z)", re.S | re.M)
-    block = section.rstrip("\n") + "\n\n"
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + block
-    path.write_text(text.rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
