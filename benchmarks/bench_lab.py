@@ -171,6 +171,14 @@ def bench_scale(n: int, gratuitous_arp: bool = True) -> dict:
             "rss_per_child_kb": (rss1 - rss0) / n}
 
 
+def _gc_thresh3() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/neigh/default/gc_thresh3") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def report(ready: dict, scales: list) -> str:
     base = statistics.median(ready["ip commands"])
     lines = ["## Lab: child ready per mode", "", f"Machine: {machine_line()}.", "",
@@ -189,7 +197,10 @@ def report(ready: dict, scales: list) -> str:
                   f"- setup {sc['setup_total']:.2f} s in all; per child {ms(sc['first10'])} ms "
                   f"(first 10) vs {ms(sc['last10'])} ms (last 10): **{sc['ratio']:.2f}×** (target ≤ 1.5×)",
                   f"- reachable from the host (RST from the child's kernel): **{sc['answered']}/{sc['n']}** "
-                  f"in {sc['probe_time']:.2f} s",
+                  f"in {sc['probe_time']:.2f} s (1 s timeout each; the likely limit: the kernel's ARP "
+                  f"table is shared by all namespaces, gc_thresh3 = {_gc_thresh3()} entries, and "
+                  f"{sc['n']} children each resolving the gateway plus the host resolving each of "
+                  f"them need about twice that — not proven here)",
                   f"- teardown {sc['teardown']:.2f} s; veths left on the bridge: **{sc['veths_left']}**",
                   f"- controller memory (max RSS growth) per child: {sc['rss_per_child_kb']:.1f} KiB"]
     return "\n".join(lines) + "\n"

@@ -45,6 +45,4 @@ int nslab_mount(const char *source, const char *target, const char *fstype,
 
 int nslab_umount2(const char *target, int flags) { return neg_errno(umount2(target, flags)); }
 
-int nslab_sethostname(const char *name, size_t len) { return neg_errno(sethostname(name, len)); }
-
 int nslab_gettid(void) { return (int)syscall(SYS_gettid); }

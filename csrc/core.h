@@ -32,9 +32,6 @@
 #define NSLAB_MS_BIND MS_BIND
 #define NSLAB_MS_REC MS_REC
 #define NSLAB_MS_SHARED MS_SHARED
-#define NSLAB_MS_PRIVATE MS_PRIVATE
-#define NSLAB_MS_SLAVE MS_SLAVE
-#define NSLAB_MS_REMOUNT MS_REMOUNT
 #define NSLAB_MNT_DETACH MNT_DETACH
 
 int nslab_unshare(int flags);
@@ -45,7 +42,6 @@ int nslab_ns_get_owner_uid(int fd, unsigned int *uid);
 int nslab_mount(const char *source, const char *target, const char *fstype,
                 unsigned long flags, const char *data);
 int nslab_umount2(const char *target, int flags);
-int nslab_sethostname(const char *name, size_t len);
 int nslab_gettid(void);
 
 #endif

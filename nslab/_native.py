@@ -20,9 +20,6 @@ CLONE_NEWTIME = lib.NSLAB_CLONE_NEWTIME
 MS_BIND = lib.NSLAB_MS_BIND
 MS_REC = lib.NSLAB_MS_REC
 MS_SHARED = lib.NSLAB_MS_SHARED
-MS_PRIVATE = lib.NSLAB_MS_PRIVATE
-MS_SLAVE = lib.NSLAB_MS_SLAVE
-MS_REMOUNT = lib.NSLAB_MS_REMOUNT
 MNT_DETACH = lib.NSLAB_MNT_DETACH
 
 
@@ -66,11 +63,6 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
 
 def umount2(target: str, flags: int = 0) -> None:
     _check(lib.nslab_umount2(target.encode(), flags), "umount2", target)
-
-
-def sethostname(name: str) -> None:
-    raw = name.encode()
-    _check(lib.nslab_sethostname(raw, len(raw)), "sethostname", name)
 
 
 def gettid() -> int:

@@ -30,7 +30,7 @@ from .errors import NslabError, from_errno, from_netlink
 from .namespaces import Namespace
 
 __all__ = ["NETLINK_ROUTE", "NETLINK_NETFILTER", "NETLINK_SOCK_DIAG", "socket_in", "Rtnl", "GONE",
-           "Request", "link_up", "address_add", "default_route_add", "send_batch"]
+           "Request", "rtnl_socket_here", "link_up", "address_add", "default_route_add", "send_batch"]
 
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
@@ -38,6 +38,14 @@ NETLINK_NETFILTER = 12
 
 # "Already gone" answers that teardown may ignore, and only teardown.
 GONE = (errno.ENODEV, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+
+
+def rtnl_socket_here() -> socket.socket:
+    """A bound rtnetlink socket in the calling thread's netns (the caller is already inside,
+    e.g. on a :meth:`Namespace.call` thread): for :func:`send_batch`."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    sock.bind((0, 0))
+    return sock
 
 
 def socket_in(ns: Namespace, family: int = socket.AF_NETLINK, type: int = socket.SOCK_DGRAM,

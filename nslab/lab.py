@@ -26,12 +26,11 @@ import threading
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import modes as _modes
-from ._netlink import link_up, send_batch, socket_in
 from .errors import InputError, NslabError
 from .hosts import CurrentHost, Host, SandboxHost, scratch_root
 from .modes import Mode, check_container_name, parse_mode
 from .namespaces import KINDS, Namespace, kind_of
-from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint, check_network_name
+from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint, check_network_name, wire_none
 from .process import Child, caps_mask
 from .records import LabRecord
 from ._faults import checkpoint
@@ -89,7 +88,7 @@ class Container:
                  joined: "Container | None", *, id: str, hostname: str | None):
         self.lab = lab
         self.id = id                    # 64 hex, like Docker's container id
-        self.hostname = hostname        # None: the host's (host mode without a new uts ns)
+        self.hostname = hostname        # None: the name it inherited (nslab sets none unless asked)
         self.name = name
         self.mode = mode
         self.child = child
@@ -197,7 +196,8 @@ class _Wiring:
         # Our own handle: it pins the netns so the veth can be removed before the netns dies.
         self.netns = Namespace.of_pidfd(child.pidfd, "net")
         if self.network is None:
-            _bring_up_lo(self.netns)
+            wire_none(self.netns)
+            checkpoint("none.lo")
             return
         name = self.plan["name"]
 
@@ -328,8 +328,10 @@ class Lab:
         ``cap_drop``: capabilities the child loses before it execs. The default drops
         ``NET_RAW``, so a child cannot forge ARP or router advertisements to its neighbours
         on the bridge (reliability.md S5). That is stricter than Docker, which keeps NET_RAW
-        (Podman drops it); ``cap_drop=()`` gives Docker's behaviour. Ping still works: the
-        child's ``ping_group_range`` allows ICMP sockets without it. ``publish``: Docker ``-p`` specs. Raises
+        (Podman drops it); ``cap_drop=()`` gives Docker's behaviour. Programs that use ICMP
+        datagram sockets still ping (``ping_group_range`` allows them), but a binary carrying
+        the ``cap_net_raw`` file capability — Debian's ``/usr/bin/ping`` — is refused by
+        execve (EPERM, with a hint): spawn it with ``cap_drop=()``. ``publish``: Docker ``-p`` specs. Raises
         InputError for bad input, before anything in the kernel changes.
         """
         plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
@@ -563,14 +565,3 @@ def _as_network(value):
         return ipaddress.IPv4Network(value)
     except ValueError:
         return None
-
-
-def _bring_up_lo(netns: Namespace) -> None:
-    """none mode: Docker brings lo up in the new netns, and nothing else."""
-    sock = socket_in(netns)
-    try:
-        sock.bind((0, 0))
-        send_batch(sock, [link_up("lo")], netns.description)
-        checkpoint("none.lo")
-    finally:
-        sock.close()

@@ -78,10 +78,6 @@ def kind_of(value: "str | int | NamespaceKind") -> NamespaceKind:
                      value)
 
 
-# Names a user gives a persisted netns: what `ip netns` accepts, minus anything a shell or a
-# path could misread (the kernel and iproute2 accept `x;id`: reliability.md).
-
-
 def _check_persist_name(name: object) -> str:
     return check_name(name, "netns name")
 
@@ -143,7 +139,10 @@ class Namespace:
             except NslabError as exc:
                 if exc.errno not in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-                _PIDFD_IOCTL[0] = False
+                # Only a kernel without the ioctls (before 6.11: ENOTTY on a real pidfd) turns
+                # the fast path off for good; a bad fd or a kind this kernel lacks does not.
+                if exc.errno == errno.ENOTTY and _pid_of_pidfd(pidfd) > 0:
+                    _PIDFD_IOCTL[0] = False
         pid = _pid_of_pidfd(pidfd)
         ns = cls.of_pid(pid, k)
         try:

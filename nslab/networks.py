@@ -29,7 +29,8 @@ from typing import Callable
 
 from . import ipam as _ipam
 from ._names import check_name
-from ._netlink import GONE, address_add, default_route_add, link_index_raw, link_up, send_batch
+from ._netlink import (GONE, address_add, default_route_add, link_index_raw, link_up,
+                       rtnl_socket_here, send_batch)
 from .errors import InputError, NslabError
 from .hosts import Host, write_sysctl
 from .namespaces import Namespace
@@ -198,11 +199,11 @@ class BridgeNetwork:
         try:
             host_ifname = self._create_veth(netns)
             configured = self._configure_inside(netns, interface)
-            if hairpin:
-                rtnl = self.host.rtnl
-                rtnl.request("brport", "set", index=rtnl.link_index(host_ifname), mode=1,
-                             obj=f"hairpin mode on bridge port {host_ifname}")
             try:
+                if hairpin:
+                    rtnl = self.host.rtnl
+                    rtnl.request("brport", "set", index=rtnl.link_index(host_ifname), mode=1,
+                                 obj=f"hairpin mode on bridge port {host_ifname}")
                 if alongside is not None:
                     alongside(ip)
             finally:
@@ -246,9 +247,7 @@ class BridgeNetwork:
         announce = self.gratuitous_arp
 
         def inside() -> None:
-            for path, value in CONTAINER_SYSCTLS.items():
-                with open("/proc/sys/" + path, "w") as f:
-                    f.write(value)
+            apply_container_sysctls()
             # eth0's MAC is random (as Docker 28+), so an address reused after a container went
             # away comes back with a new MAC, and the host and the other containers would keep
             # sending to the old one for seconds. Docker 28 sends a gratuitous ARP; the kernel
@@ -265,7 +264,7 @@ class BridgeNetwork:
                     f.write("1")
             except FileNotFoundError:
                 pass  # a kernel without IPv6
-            sock = socket_in_current()
+            sock = rtnl_socket_here()
             try:
                 index = link_index_raw(sock, "eth0")
                 send_batch(sock, [link_up("lo"), address_add(index, interface, "eth0"), link_up("eth0"),
@@ -318,12 +317,23 @@ class BridgeNetwork:
         return f"<BridgeNetwork {self.name} {self.bridge} {self.subnet} gw {self.gateway}: {state}>"
 
 
-def socket_in_current():
-    """A raw rtnetlink socket in the calling thread's netns (we are already inside)."""
-    import socket
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 0)
-    sock.bind((0, 0))
-    return sock
+def apply_container_sysctls() -> None:
+    """Docker's sysctls for a private netns; call it on a thread inside that netns."""
+    for path, value in CONTAINER_SYSCTLS.items():
+        with open("/proc/sys/" + path, "w") as f:
+            f.write(value)
+
+
+def wire_none(netns: Namespace) -> None:
+    """``--network none``: lo up and Docker's private-netns sysctls, nothing else."""
+    def inside() -> None:
+        apply_container_sysctls()
+        sock = rtnl_socket_here()
+        try:
+            send_batch(sock, [link_up("lo")], netns.description)
+        finally:
+            sock.close()
+    netns.call(inside)
 
 
 def _random_mac() -> str:

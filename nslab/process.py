@@ -23,8 +23,8 @@ No Python runs in the child: the clone, the namespace dance and the exec are C
 names the step::
 
     >>> Child.spawn(["/nonexistent"])
-    SpawnFileNotFoundError: [Errno 2] execve(/nonexistent) failed in the child: No such file
-    or directory
+    SpawnFileNotFoundError: [Errno 2] execve(/nonexistent) failed in the child of
+    ['/nonexistent']: No such file or directory
 
 Running a *Python function* in fresh namespaces is :func:`call_in_child`: it starts a new
 interpreter through the same trampoline (never a fork of this one, so it is safe while this
@@ -326,7 +326,7 @@ class Child:
             return child
         child._discard()
         if released == 1:
-            raise _step_error(rep, path, argv_b, joins, cwd_b, hostname)
+            raise _step_error(rep, path, argv_b, joins, cwd_b, hostname, drop_mask)
         if released == 2:
             raise SpawnError(errno.ECHILD, f"the child of {child.argv!r} died before it was "
                              f"released ({child._describe()})", step="sync", syscall="send",
@@ -735,10 +735,14 @@ def _check_cwd(cwd) -> bytes | None:
 
 
 def _check_pass_fds(pass_fds) -> list[int]:
-    fds = sorted(set(pass_fds))
+    if isinstance(pass_fds, (str, bytes)) or not hasattr(pass_fds, "__iter__"):
+        raise InputError("pass_fds", "expected an iterable of fds", pass_fds)
+    fds = list(pass_fds)
     for fd in fds:
         if not isinstance(fd, int) or isinstance(fd, bool) or not 3 <= fd < 2**31:
             raise InputError("pass_fds", "expected fds >= 3 (0-2 are stdin/stdout/stderr)", fd)
+    fds = sorted(set(fds))
+    for fd in fds:
         try:
             os.fstat(fd)
         except OSError:
@@ -849,7 +853,7 @@ def _clone_error(err: int, argv: list[bytes], kinds: list[str], cgroup) -> Nslab
 
 
 def _step_error(rep, path: bytes, argv: list[bytes], joins: list[Namespace],
-                cwd: bytes | None, hostname: str | None) -> SpawnError:
+                cwd: bytes | None, hostname: str | None, caps_dropped: int = 0) -> SpawnError:
     step_id, err, index = rep.step, rep.err, rep.index
     syscall = _STEP_SYSCALLS.get(step_id, f"step {step_id}")
     if step_id == lib.NSLAB_STEP_SETNS and 0 <= index < len(joins):
@@ -870,6 +874,12 @@ def _step_error(rep, path: bytes, argv: list[bytes], joins: list[Namespace],
     else:
         step, obj = f"{syscall}()", None
     hint = privilege_hint() if err in (errno.EPERM, errno.EACCES) else None
+    if step_id == lib.NSLAB_STEP_EXECVE and err == errno.EPERM and caps_dropped:
+        # execve refuses a program whose file capabilities (ping's cap_net_raw=ep, on Debian)
+        # are not all in the bounding set the child was left with.
+        dropped = [n for n, bit in CAPABILITIES.items() if caps_dropped >> bit & 1]
+        hint = (f"the program likely has file capabilities ({', '.join(dropped)} among them?) that "
+                f"this child no longer has (caps_drop/cap_drop): spawn it with cap_drop=()")
     if step_id == lib.NSLAB_STEP_SETNS and err == errno.EINVAL:
         hint = ("setns refuses the namespace the child is already in, and a kind it cannot "
                 "enter from here")

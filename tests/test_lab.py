@@ -354,3 +354,26 @@ def test_children_lose_net_raw_unless_asked(lab):
     assert caps_of(docker_like.pid)["CapEff"] & NET_RAW
     with pytest.raises(InputError, match="cap_drop"):
         lab.spawn(["true"], cap_drop=("NET_RAWR",))
+
+
+@pytest.mark.root
+def test_none_child_gets_dockers_private_netns_sysctls(lab):
+    """none is a private netns too: Docker's sysctls are set there as in bridge mode."""
+    c = lab.spawn(["sleep", "30"], mode="none")
+    assert read_sysctl(c.netns, "net.ipv4.ip_unprivileged_port_start") == "0"
+    assert read_sysctl(c.netns, "net.ipv4.ping_group_range").split() == ["0", "2147483647"]
+
+
+@pytest.mark.root
+def test_a_dropped_file_capability_is_named_in_the_error(lab):
+    """Debian's ping carries cap_net_raw: with the default cap_drop, execve is refused and
+    the hint says which capability and how to keep it."""
+    import shutil
+    import subprocess
+    ping = shutil.which("ping")
+    if not ping or "cap_net_raw" not in subprocess.run(["getcap", ping], capture_output=True,
+                                                       text=True).stdout:
+        pytest.skip("no ping with the cap_net_raw file capability here")
+    from nslab.process import SpawnPermissionError
+    with pytest.raises(SpawnPermissionError, match="NET_RAW.*cap_drop=\\(\\)"):
+        lab.spawn([ping, "-c1", "127.0.0.1"])
