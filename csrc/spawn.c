@@ -630,7 +630,7 @@ int nslab_spawn_release(struct nslab_spawn_result *r, struct nslab_spawn_report 
     return died ? 2 : 0;
 }
 
-int nslab_spawn_abort(struct nslab_spawn_result *r)
+int nslab_spawn_abort(struct nslab_spawn_result *r, struct nslab_spawn_report *rep_out)
 {
     if (r->pidfd >= 0)
         syscall(SYS_pidfd_send_signal, r->pidfd, SIGKILL, NULL, 0);
@@ -644,6 +644,12 @@ int nslab_spawn_abort(struct nslab_spawn_result *r)
         rc = drain_err_pipe(r->err_fd, &rep, &got);
         close(r->err_fd);
         r->err_fd = -1;
+        /* The child may have failed on its own before we gave up on it (a refused setns):
+         * its report is the real cause, so hand it back. */
+        if (rc == 0 && got == sizeof rep && rep_out) {
+            *rep_out = rep;
+            rc = 1;
+        }
     }
     if (rc < 0)
         r->priv = NULL;

@@ -85,8 +85,9 @@ int nslab_spawn_via_spawner(const struct nslab_spawn_args *a, struct nslab_spawn
 int nslab_spawn_release(struct nslab_spawn_result *r, struct nslab_spawn_report *rep);
 
 /* Give up on a child that was not released: SIGKILL it through its pidfd, close sync_fd and
- * err_fd, free its stack. The caller still reaps it through the pidfd. */
-int nslab_spawn_abort(struct nslab_spawn_result *r);
+ * err_fd, free its stack. The caller still reaps it through the pidfd. Returns 1 (and fills
+ * *rep_out, if given) when the child had already failed a step on its own, else 0 or -errno. */
+int nslab_spawn_abort(struct nslab_spawn_result *r, struct nslab_spawn_report *rep_out);
 
 /* The spawner thread's tid in this process, 0 if it was not started yet (for tests). */
 int nslab_spawner_tid(void);

@@ -316,11 +316,16 @@ class Child:
                 before_exec(child)
             rep = ffi.new("struct nslab_spawn_report *")
             released = lib.nslab_spawn_release(r, rep)
-        except BaseException:
-            lib.nslab_spawn_abort(r)
+        except BaseException as exc:
+            rep = ffi.new("struct nslab_spawn_report *")
+            failed_first = lib.nslab_spawn_abort(r, rep) == 1
             for _, fd, _ in parent_ends:
                 os.close(fd)
             child._discard()
+            if failed_first and isinstance(exc, Exception):
+                # What the parent tripped over (the child already gone) is a consequence:
+                # report the child's own failed step, with the parent's error as context.
+                raise _step_error(rep, path, argv_b, joins, cwd_b, hostname, drop_mask) from exc
             raise
         if released == 0:
             return child

@@ -752,3 +752,23 @@ def test_example_01_runs():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "gamma shares the host's:                    True" in out.stdout
+
+
+@pytest.mark.root
+def test_the_childs_own_failure_wins_over_what_before_exec_tripped_on():
+    """A child whose setns was refused dies before it is released; if before_exec then fails
+    on the gone child, the error still names the child's failed step (the parent's error is
+    its __cause__), not just 'no such process'."""
+    import time as _time
+
+    def look_too_late(child):
+        _time.sleep(0.2)               # the child has failed its setns by now
+        child.namespace("uts")         # ... so this fails: ESRCH / ENOENT
+    own_userns = Namespace.current("user")  # joining the userns we are in: EINVAL
+    try:
+        with pytest.raises(SpawnError) as info:
+            Child.spawn(["true"], new=(), join=[own_userns], before_exec=look_too_late)
+    finally:
+        own_userns.close()
+    assert info.value.step.startswith("setns(user") and info.value.errno == errno.EINVAL
+    assert isinstance(info.value.__cause__, OSError)
