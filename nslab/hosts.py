@@ -173,13 +173,19 @@ class Host:
         if self._closed:
             return
         self._closed = True
-        try:
-            if self._restore_sysctls:
-                for name in list(self._saved_sysctls):
+        failed: list[BaseException] = []
+        if self._restore_sysctls:
+            # Every one of them, even after a failure: on a real host each one left changed
+            # is a change to the machine.
+            for name in list(self._saved_sysctls):
+                try:
                     self.restore_sysctl(name)
-        finally:
-            self.rtnl.close()
-            self.netns.close()
+                except BaseException as exc:  # noqa: BLE001 - reported after the rest
+                    failed.append(exc)
+        self.rtnl.close()
+        self.netns.close()
+        if failed:
+            raise failed[0]
 
     def __enter__(self):
         return self

@@ -210,6 +210,15 @@ class _Wiring:
         self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name), alongside=publish,
                                             hairpin=self.plan["via"] == "nat")
 
+    def close(self) -> None:
+        """For a child that never became a Container (failed spawn, finished run): undo the
+        network and drop our netns handle (host mode borrows the host's)."""
+        try:
+            self.undo()
+        finally:
+            if self.netns is not None and self.plan["mode"].kind != "host":
+                self.netns.close()
+
     def undo(self) -> None:
         name = self.plan["name"]
         try:
@@ -346,9 +355,7 @@ class Lab:
                                 caps_drop=cap_drop)
             checkpoint("lab.spawned")
         except BaseException:
-            wiring.undo()
-            if wiring.netns is not None and plan["mode"].kind != "host":
-                wiring.netns.close()
+            wiring.close()
             raise
         container = Container(self, plan["name"], plan["mode"], child, wiring.netns, wiring.endpoint,
                               wiring.published, [plan["warning"]] if plan["warning"] else [], plan["joined"],
@@ -371,9 +378,7 @@ class Lab:
             return call_in_child(fn, *args, new=wiring.new, join=wiring.join, hostname=plan["hostname"],
                                  timeout=timeout, before_exec=wiring.before_exec, **kwargs)
         finally:
-            wiring.undo()
-            if wiring.netns is not None and plan["mode"].kind != "host":
-                wiring.netns.close()
+            wiring.close()
 
     def _plan(self, mode, name, publish, new, hostname, published_via, strict_publish) -> dict:
         """Validate everything up front; nothing in the kernel has changed yet."""

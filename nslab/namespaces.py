@@ -213,16 +213,16 @@ class Namespace:
 
     # --- using it -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def entered(self) -> Iterator["Namespace"]:
+    def entered(self, *, leaving_thread: bool = False) -> Iterator["Namespace"]:
         """Move the calling thread into this namespace for the block; always moves it back.
 
         Other threads never move. Only for kinds a thread can enter alone (net, uts, ipc,
         cgroup); the block must not start threads that outlive it (they inherit it).
+        ``leaving_thread``: the thread ends right after the block (a :meth:`call` body), so
+        an EPERM on the way back is harmless — in a rootless lab (``unshare -Urn``) going
+        back into a namespace the initial user namespace owns (the inherited uts) is refused.
         """
-        if not self.kind.per_thread:
-            raise InputError("namespace kind", f"a thread of a threaded process cannot enter a "
-                             f"{self.kind.name} namespace (setns: EINVAL); run a child in it",
-                             self.kind.name)
+        self._check_thread_kind()
         saved = Namespace.current(self.kind)
         if saved == self:
             # Already there: no setns, which would need CAP_SYS_ADMIN over the namespace's
@@ -235,13 +235,18 @@ class Namespace:
             try:
                 yield self
             finally:
-                _native.setns(saved.fileno(), self.kind.flag, f"back to {saved.description}")
+                try:
+                    _native.setns(saved.fileno(), self.kind.flag, f"back to {saved.description}")
+                except NslabError as exc:
+                    if not (leaving_thread and exc.errno == errno.EPERM):
+                        raise
         finally:
             saved.close()
 
     def enter_for_rest_of_thread(self) -> None:
         """Move the calling thread here for good. Only for a throwaway thread that ends right
         after (inside a :meth:`call` body, say), where there is nothing to go back to."""
+        self._check_thread_kind()
         if threading.current_thread() is threading.main_thread():
             raise NslabError(errno.EINVAL, "enter_for_rest_of_thread() on the main thread would "
                              "move it for good: use entered() or call()")
@@ -249,35 +254,23 @@ class Namespace:
             if here != self:
                 _native.setns(self.fileno(), self.kind.flag, self.description)
 
+    def _check_thread_kind(self) -> None:
+        if not self.kind.per_thread:
+            raise InputError("namespace kind", f"a thread of a threaded process cannot enter a "
+                             f"{self.kind.name} namespace (setns: EINVAL); run a child in it",
+                             self.kind.name)
+
     def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """Run ``fn`` on a throwaway thread inside this namespace; return or re-raise its result."""
         return _run_on_thread(self._throwaway(fn, args, kwargs))
 
     def _throwaway(self, fn: Callable[..., T], args: tuple, kwargs: dict) -> Callable[[], T]:
-        """The body of a throwaway thread: enter, run, and go back if allowed.
+        """The body of a throwaway thread: enter, run, go back (see ``leaving_thread``)."""
+        self._check_thread_kind()      # here, before a thread is started just to fail
 
-        Going back keeps every thread of the process in its home namespace whenever one is
-        looked at. In a rootless lab (``unshare -Urn``) the way back into a namespace the
-        initial user namespace owns (the inherited uts, say) is EPERM: the thread ends right
-        after, so that one refusal is harmless and is not an error here.
-        """
         def inside() -> T:
-            if not self.kind.per_thread:
-                raise InputError("namespace kind", f"a thread of a threaded process cannot enter a "
-                                 f"{self.kind.name} namespace (setns: EINVAL); run a child in it",
-                                 self.kind.name)
-            with Namespace.current(self.kind) as home:
-                if home == self:
-                    return fn(*args, **kwargs)
-                _native.setns(self.fileno(), self.kind.flag, self.description)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    try:
-                        _native.setns(home.fileno(), self.kind.flag, f"back to {home.description}")
-                    except NslabError as exc:
-                        if exc.errno != errno.EPERM:
-                            raise
+            with self.entered(leaving_thread=True):
+                return fn(*args, **kwargs)
         return inside
 
     def call_async(self, fn: Callable[..., T], *args, **kwargs) -> Callable[[], T]:
