@@ -75,6 +75,7 @@ from ._netlink import NETLINK_NETFILTER, socket_in
 from ._nft import ACCEPT, DROP, MASQUERADE, Batch, Dnat, Jump, Netfilter, Rule, Vmap
 from .errors import (InputError, NslabError, NslabFileExistsError, PortAllocatedError,
                      from_errno)
+from .hosts import read_sysctl_path, write_sysctl_path
 from .namespaces import Namespace
 from ._faults import checkpoint
 from .proxy import UserlandProxy
@@ -562,28 +563,10 @@ class Firewall:
 
     # --- sysctls for the nat backend (host netns only) ------------------------------------
     def _read_sysctl(self, path: str) -> str:
-        def read() -> str:
-            with open(path) as f:
-                return f.read().strip()
-        try:
-            return self._ns.call(read)
-        except OSError as exc:
-            raise from_errno(exc.errno or errno.EIO, "read sysctl", f"{path} in netns "
-                             f"{self.ns_description}") from None
+        return read_sysctl_path(self._ns, path)
 
     def _write_sysctl(self, path: str, value: str, missing_ok: bool = False) -> None:
-        def write() -> None:
-            with open(path, "w") as f:
-                f.write(value)
-        try:
-            self._ns.call(write)
-        except FileNotFoundError:
-            if not missing_ok:
-                raise from_errno(errno.ENOENT, "write sysctl", f"{path} in netns "
-                                 f"{self.ns_description}") from None
-        except OSError as exc:
-            raise from_errno(exc.errno or errno.EIO, "write sysctl", f"{path} in netns "
-                             f"{self.ns_description}") from None
+        write_sysctl_path(self._ns, path, value, missing_ok)
 
     def _set_route_localnet(self, bridge: str) -> str:
         """route_localnet=1 on the bridge: DNATed 127.0.0.1 traffic may be routed out of it."""

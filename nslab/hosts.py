@@ -76,27 +76,38 @@ def _sysctl_path(name: object) -> str:
 
 def read_sysctl(ns: Namespace, name: str) -> str:
     """Read a sysctl as seen from inside ``ns`` (net.* sysctls are per network namespace)."""
-    path = _sysctl_path(name)
+    return read_sysctl_path(ns, _sysctl_path(name))
 
+
+def write_sysctl(ns: Namespace, name: str, value: str) -> None:
+    write_sysctl_path(ns, _sysctl_path(name), str(value))
+
+
+def read_sysctl_path(ns: Namespace, path: str) -> str:
+    """Read ``/proc/sys/...`` inside ``ns``. By path, for names a dotted form cannot spell
+    (an interface name with a dot in it)."""
     def read() -> str:
         with open(path) as f:
             return f.read().strip()
     try:
         return ns.call(read)
     except OSError as exc:
-        raise from_errno(exc.errno or errno.EIO, "read", f"sysctl {name} in {ns.description}") from None
+        raise from_errno(exc.errno or errno.EIO, "read sysctl", f"{path} in {ns.description}") from None
 
 
-def write_sysctl(ns: Namespace, name: str, value: str) -> None:
-    path = _sysctl_path(name)
-
+def write_sysctl_path(ns: Namespace, path: str, value: str, missing_ok: bool = False) -> None:
+    """Write ``/proc/sys/...`` inside ``ns``; ``missing_ok``: a sysctl that is gone (its
+    interface was deleted) is not an error."""
     def write() -> None:
         with open(path, "w") as f:
-            f.write(str(value))
+            f.write(value)
     try:
         ns.call(write)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise from_errno(errno.ENOENT, "write sysctl", f"{path}={value} in {ns.description}") from None
     except OSError as exc:
-        raise from_errno(exc.errno or errno.EIO, "write", f"sysctl {name}={value} in {ns.description}") from None
+        raise from_errno(exc.errno or errno.EIO, "write sysctl", f"{path}={value} in {ns.description}") from None
 
 
 class Host:
