@@ -389,8 +389,9 @@ def test_two_bridge_networks_cannot_reach_each_other(box):
         assert blocked(box.kids["c3"], C2, 80)
         assert blocked(box.kids["c1"], C3, 80)
         assert ask(box.kids["c2"], C1, 80) == C2                        # same bridge: fine
-    # Control: without the firewall, the host routes between its bridges.
+    # Control: without the firewall, the host routes between its bridges, both ways.
     assert ask(box.kids["c3"], C2, 80) == C3
+    assert ask(box.kids["c1"], C3, 80) == C1
 
 
 def test_localhost_publish_is_unreachable_from_a_neighbour(box):
