@@ -256,11 +256,11 @@ def test_lifecycle_state_machine():
 
 @pytest.mark.slow
 def test_lifecycle_state_machine_full():
-    """Slow tier: 60 random lifecycles of up to 30 steps each."""
+    """Slow tier: 80 random lifecycles of up to 40 steps each (as bench_reliability.py)."""
     LabMachine.stats.clear()
-    LabMachine.TestCase.settings = _settings(60, 30, derandomize=False)
+    LabMachine.TestCase.settings = _settings(80, 40, derandomize=False)
     LabMachine.TestCase().runTest()
-    assert LabMachine.stats["labs"] >= 60 and LabMachine.stats["spawn bridge published"], LabMachine.stats
+    assert LabMachine.stats["labs"] >= 80 and LabMachine.stats["spawn bridge published"], LabMachine.stats
 
 
 @pytest.mark.root
