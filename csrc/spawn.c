@@ -15,9 +15,13 @@
  *   restore signals; return pid to Python       default signal handlers, PR_SET_PDEATHSIG,
  *                                               close every fd it will not need,
  *                                               restore the caller's signal mask,
- *                                               setns() each fd to join (user first),
- *   Python writes uid/gid maps, wires the       block reading the sync socket
- *   network, runs before_exec(child) ...
+ *   (optionally: other work, then               unshare() the namespaces left to it,
+ *    nslab_spawn_wait_ready() <------------     setns() each fd to join (user first),
+ *    until the child says "r")                  run the setup program it was given, "r"
+ *   Python writes uid/gid maps, wires the       (sysctls, lo up: in parallel with the
+ *   network, runs before_exec(child) ...         parent), block reading the sync socket
+ *   nslab_spawn_configure(): "c" + program -->  run that program too (eth0's address,
+ *                                               route...), block again
  *   nslab_spawn_release(): send "go" ------->   sethostname, chdir, dup2 stdio, mark every fd
  *                                               but 0-2 and pass_fds close-on-exec, execve
  *   read err pipe: EOF = exec succeeded  <----  or: write {step, errno, index}, _exit(127)
@@ -45,6 +49,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/netlink.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -54,6 +59,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -325,6 +331,124 @@ static void drop_caps(const struct child_ctx *c, unsigned long long mask)
         child_fail(c, NSLAB_STEP_CAPS, rc, -1);
 }
 
+/* ---- setup programs (spawn.h) ------------------------------------------------------- */
+
+static size_t cstrlen(const char *p, size_t max)
+{
+    size_t n = 0;
+    while (n < max && p[n])
+        n++;
+    return n;
+}
+
+/* One NSLAB_SETUP_NETLINK step: send its requests in one datagram, check every ack. */
+static void setup_netlink(const struct child_ctx *c, int *nl, const unsigned char *msgs, size_t len,
+                          int index)
+{
+    long rc;
+    if (*nl < 0) {
+        if ((rc = sys3(SYS_socket, AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE)) < 0)
+            child_fail(c, NSLAB_STEP_SETUP, rc, index);
+        *nl = (int)rc;
+        int one = 1;  /* acks without a copy of the request: small, fixed-size */
+        sys5(SYS_setsockopt, *nl, SOL_NETLINK, NETLINK_CAP_ACK, &one, sizeof one);
+    }
+    int n = 0;
+    for (size_t off = 0; off < len; n++) {
+        const struct nlmsghdr *h = (const struct nlmsghdr *)(msgs + off);
+        if (len - off < sizeof *h || h->nlmsg_len < sizeof *h || h->nlmsg_len > len - off)
+            child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index);
+        off += NLMSG_ALIGN(h->nlmsg_len);
+    }
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    while ((rc = raw6(SYS_sendto, *nl, (long)msgs, (long)len, 0, (long)&kernel, sizeof kernel)) == -EINTR)
+        ;
+    if (rc < 0)
+        child_fail(c, NSLAB_STEP_SETUP, rc, index);
+    unsigned char buf[4096] __attribute__((aligned(8)));
+    for (int acked = 0; acked < n;) {
+        while ((rc = raw6(SYS_recvfrom, *nl, (long)buf, sizeof buf, 0, 0, 0)) == -EINTR)
+            ;
+        if (rc < 0)
+            child_fail(c, NSLAB_STEP_SETUP, rc, index);
+        for (size_t off = 0; off + sizeof(struct nlmsghdr) <= (size_t)rc;) {
+            const struct nlmsghdr *h = (const struct nlmsghdr *)(buf + off);
+            if (h->nlmsg_len < sizeof *h || h->nlmsg_len > (size_t)rc - off)
+                break;
+            if (h->nlmsg_type == NLMSG_ERROR) {
+                const struct nlmsgerr *e = (const struct nlmsgerr *)NLMSG_DATA(h);
+                if (e->error != 0)  /* which request: its sequence number (1..n) */
+                    child_fail(c, NSLAB_STEP_SETUP, e->error, index | (int)(h->nlmsg_seq & 0xff));
+                acked++;
+            }
+            off += NLMSG_ALIGN(h->nlmsg_len);
+        }
+    }
+}
+
+/* Run one setup program. Steps are numbered across all programs of one child (*step), so
+ * Python can name the one that failed: index = step << 8 | request. */
+static void run_setup(const struct child_ctx *c, const unsigned char *p, size_t len, int *nl, int *step)
+{
+    size_t off = 0;
+    while (off < len) {
+        const struct nslab_setup_step *st = (const struct nslab_setup_step *)(p + off);
+        int index = (*step)++ << 8;
+        if (len - off < sizeof *st || st->len > len - off - sizeof *st)
+            child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index);
+        const char *payload = (const char *)(st + 1);
+        long rc, fd;
+        switch (st->op) {
+        case NSLAB_SETUP_WRITE:
+        case NSLAB_SETUP_WRITE_OPT: {
+            size_t plen = cstrlen(payload, st->len);
+            if (plen >= st->len)
+                child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index);
+            fd = sys4(SYS_openat, AT_FDCWD, payload, O_WRONLY | O_CLOEXEC, 0);
+            if (fd == -ENOENT && st->op == NSLAB_SETUP_WRITE_OPT)
+                break;
+            if (fd < 0)
+                child_fail(c, NSLAB_STEP_SETUP, fd, index);
+            rc = sys3(SYS_write, fd, payload + plen + 1, st->len - plen - 1);
+            sys1(SYS_close, fd);
+            if (rc < 0)
+                child_fail(c, NSLAB_STEP_SETUP, rc, index);
+            break;
+        }
+        case NSLAB_SETUP_TOUCH:
+            if (cstrlen(payload, st->len) >= st->len)
+                child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index);
+            fd = sys4(SYS_openat, AT_FDCWD, payload, O_PATH | O_CLOEXEC, 0);
+            if (fd >= 0)
+                sys1(SYS_close, fd);
+            break;
+        case NSLAB_SETUP_NETLINK:
+            setup_netlink(c, nl, (const unsigned char *)payload, st->len, index);
+            break;
+        default:
+            child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index);
+        }
+        off += sizeof *st + ((st->len + 3) & ~3u);
+    }
+}
+
+/* Read exactly n bytes from the sync socket: 1, or 0 on EOF (the parent gave up). */
+static int sync_read(const struct child_ctx *c, void *buf, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        long rc = sys3(SYS_read, c->sync_fd, (char *)buf + got, n - got);
+        if (rc == -EINTR)
+            continue;
+        if (rc < 0)
+            child_fail(c, NSLAB_STEP_SYNC, rc, 0);
+        if (rc == 0)
+            return 0;
+        got += (size_t)rc;
+    }
+    return 1;
+}
+
 static int __attribute__((noreturn)) child_main(void *arg)
 {
     const struct child_ctx *c = arg;
@@ -339,6 +463,10 @@ static int __attribute__((noreturn)) child_main(void *arg)
     if ((rc = sys4(SYS_rt_sigprocmask, SIG_SETMASK, &c->mask, 0, 8)) < 0)
         child_fail(c, NSLAB_STEP_SIGMASK, rc, 0);
 
+    /* Namespaces the parent left to us, so that making them overlaps its own work. */
+    if (a->unshare_flags && (rc = sys1(SYS_unshare, a->unshare_flags)) < 0)
+        child_fail(c, NSLAB_STEP_UNSHARE, rc, 0);
+
     /* Join before waiting, so the parent's before_exec already sees the joined namespaces.
      * Python orders the list: user first (it grants the rights the others need). */
     for (int i = 0; i < a->n_join; i++)
@@ -348,14 +476,38 @@ static int __attribute__((noreturn)) child_main(void *arg)
         set_pdeathsig(c, ppid);  /* joining a user namespace changes credentials, which may
                                     clear the parent-death signal */
 
-    /* Wait for the parent: it configures us meanwhile. EOF means it gave up or died. */
-    char go = 0;
-    while ((rc = sys3(SYS_read, c->sync_fd, &go, 1)) == -EINTR)
-        ;
-    if (rc < 0)
-        child_fail(c, NSLAB_STEP_SYNC, rc, 0);
-    if (rc == 0)
-        child_exit(127);
+    /* Our own share of the setup (sysctls, lo up...), while the parent does its share. */
+    int nl = -1, step = 0;
+    if (a->setup)
+        run_setup(c, a->setup, a->setup_len, &nl, &step);
+    if (a->unshare_flags) {
+        char ready = 'r';
+        while ((rc = sys3(SYS_write, c->sync_fd, &ready, 1)) == -EINTR)
+            ;
+        if (rc < 0)
+            child_fail(c, NSLAB_STEP_SYNC, rc, 0);
+    }
+
+    /* Wait for the parent: it configures us meanwhile, and may send more setup ('c', length,
+     * program) before "go" ('g'). EOF means it gave up or died. */
+    for (;;) {
+        char cmd = 0;
+        if (!sync_read(c, &cmd, 1))
+            child_exit(127);
+        if (cmd != 'c')
+            break;
+        unsigned int plen = 0;
+        unsigned char prog[NSLAB_SETUP_MAX] __attribute__((aligned(8)));
+        if (!sync_read(c, &plen, sizeof plen))
+            child_exit(127);
+        if (plen > sizeof prog)
+            child_fail(c, NSLAB_STEP_SYNC, -E2BIG, 0);
+        if (!sync_read(c, prog, plen))
+            child_exit(127);
+        run_setup(c, prog, plen, &nl, &step);
+    }
+    if (nl >= 0)
+        sys1(SYS_close, nl);
 
     if (a->hostname && (rc = sys2(SYS_sethostname, a->hostname, a->hostname_len)) < 0)
         child_fail(c, NSLAB_STEP_HOSTNAME, rc, 0);
@@ -598,6 +750,49 @@ static void free_child_stack(struct nslab_spawn_result *r)
     if (r->priv)
         munmap(r->priv, CHILD_MAP_SIZE);
     r->priv = NULL;
+}
+
+int nslab_spawn_wait_ready(struct nslab_spawn_result *r)
+{
+    if (r->sync_fd < 0)
+        return -EBADF;
+    char ready = 0;
+    ssize_t n;
+    do
+        n = read(r->sync_fd, &ready, 1);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -errno;
+    return n == 1 && ready == 'r' ? 0 : -EPIPE;
+}
+
+int nslab_spawn_configure(struct nslab_spawn_result *r, const void *prog, size_t len)
+{
+    if (r->sync_fd < 0)
+        return -EBADF;
+    if (len > NSLAB_SETUP_MAX)
+        return -E2BIG;
+    unsigned char head[5] = {'c'};
+    unsigned int n32 = (unsigned int)len;
+    memcpy(head + 1, &n32, sizeof n32);
+    struct iovec iov[2] = {{head, sizeof head}, {(void *)prog, len}};
+    size_t left = sizeof head + len;
+    while (left > 0) {
+        struct msghdr m = {.msg_iov = iov, .msg_iovlen = 2};
+        ssize_t n = sendmsg(r->sync_fd, &m, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return -errno;
+        left -= (size_t)n;
+        for (int i = 0; i < 2 && n > 0; i++) {   /* a short send: skip what went */
+            size_t k = (size_t)n < iov[i].iov_len ? (size_t)n : iov[i].iov_len;
+            iov[i].iov_base = (char *)iov[i].iov_base + k;
+            iov[i].iov_len -= k;
+            n -= (ssize_t)k;
+        }
+    }
+    return 0;
 }
 
 int nslab_spawn_release(struct nslab_spawn_result *r, struct nslab_spawn_report *rep)

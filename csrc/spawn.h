@@ -34,6 +34,26 @@
 #define NSLAB_STEP_EXECVE    10  /* execve(path) */
 #define NSLAB_STEP_SIGNALS   11  /* sigaction(SIG_DFL) */
 #define NSLAB_STEP_CAPS      12  /* prctl(PR_CAPBSET_DROP, index) / capget / capset */
+#define NSLAB_STEP_SETUP     13  /* a setup step: index = step number << 8 | request number */
+#define NSLAB_STEP_UNSHARE   14  /* unshare(unshare_flags) */
+
+/* Setup programs: work the child does itself, in its final namespaces, before it execs —
+ * with raw syscalls, so it runs truly in parallel with the parent (no GIL, no thread). A
+ * program is a sequence of steps, each `struct nslab_setup_step` followed by `len` bytes of
+ * payload, padded to 4. One program comes with the arguments and runs before the child waits
+ * (it overlaps the parent's work); more may come over the sync socket
+ * (nslab_spawn_configure) while it waits. */
+#define NSLAB_SETUP_WRITE      1  /* payload "path\0value": write value to /proc/sys/path */
+#define NSLAB_SETUP_WRITE_OPT  2  /* the same, but a missing file is not an error */
+#define NSLAB_SETUP_TOUCH      3  /* payload "path": open and close /proc/sys/path (missing: fine) */
+#define NSLAB_SETUP_NETLINK    4  /* payload: rtnetlink requests (NLM_F_ACK set, seq 1..n),
+                                     sent in one sendmsg; every ack is checked */
+#define NSLAB_SETUP_MAX        8192  /* bytes of one program */
+
+struct nslab_setup_step {
+    unsigned int op;             /* NSLAB_SETUP_* */
+    unsigned int len;            /* payload bytes that follow */
+};
 
 struct nslab_spawn_args {
     const char *path;            /* what execve runs: resolved by Python (no PATH search here) */
@@ -53,6 +73,12 @@ struct nslab_spawn_args {
     size_t hostname_len;
     int flags;                   /* NSLAB_SPAWN_* path switches (tests, benchmarks) */
     unsigned long long caps_drop;    /* capabilities (bit n = CAP n) dropped before execve */
+    const void *setup;           /* a setup program run before the wait (NULL: none) */
+    size_t setup_len;
+    unsigned long long unshare_flags;  /* CLONE_NEW* the child makes itself, first thing:
+                                          in parallel with the parent. It then says "ready"
+                                          (nslab_spawn_wait_ready) once it has them, has
+                                          joined join_fds and has run `setup`. */
 };
 
 /* What the parent holds after the clone: the child is blocked on the sync socket. */
@@ -77,6 +103,16 @@ int nslab_spawn(const struct nslab_spawn_args *a, struct nslab_spawn_result *r);
 /* The same, but the clone happens on nslab's one long-lived spawner thread, so the child's
  * parent (for PR_SET_PDEATHSIG) is a thread that lives as long as the process. */
 int nslab_spawn_via_spawner(const struct nslab_spawn_args *a, struct nslab_spawn_result *r);
+
+/* Wait until a child started with unshare_flags has its namespaces (and ran its setup):
+ * only then may the parent look at them. Returns 0, or -EPIPE if the child died first (it
+ * failed a step: nslab_spawn_release reports which), or -errno. */
+int nslab_spawn_wait_ready(struct nslab_spawn_result *r);
+
+/* Send a child blocked on its sync socket one more setup program; it runs it and waits
+ * again. Returns 0 or -errno (EPIPE: the child is gone; release then says why). A failed
+ * step is reported by nslab_spawn_release. */
+int nslab_spawn_configure(struct nslab_spawn_result *r, const void *prog, size_t len);
 
 /* Release a child blocked on its sync socket and wait for its exec. Closes sync_fd and err_fd
  * and frees the child's stack once the child has left it (the pidfd stays, for reaping).

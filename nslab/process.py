@@ -117,7 +117,12 @@ _STEP_SYSCALLS = {
     lib.NSLAB_STEP_EXECVE: "execve",
     lib.NSLAB_STEP_SIGNALS: "sigaction",
     lib.NSLAB_STEP_CAPS: "prctl(PR_CAPBSET_DROP)/capset",
+    lib.NSLAB_STEP_SETUP: "setup",
+    lib.NSLAB_STEP_UNSHARE: "unshare",
 }
+
+# Namespaces a (single-threaded) child can unshare for itself, even sharing our memory.
+_UNSHARED_BY_CHILD = ("net", "uts", "ipc")
 
 # capabilities(7) by name, for caps_drop= (the kernel's numbering: linux/capability.h).
 CAPABILITIES = {name: number for number, name in enumerate((
@@ -186,6 +191,8 @@ class Child:
         self.stdin = self.stdout = self.stderr = None
         self._namespaces: dict[str, Namespace] = {}
         self._lock = threading.Lock()  # orders reaping, signalling and closing the pidfd
+        self._parked = None            # the trampoline's handle while spawn() holds the child
+        self._setup = None             # every setup program sent, for naming a failed step
 
     # --- starting ----------------------------------------------------------------------
     @classmethod
@@ -202,6 +209,8 @@ class Child:
               user_map: "UserMap | None" = None,
               cgroup: "str | int | None" = None,
               caps_drop: Iterable[str] = (),
+              setup: "ChildSetup | None" = None,
+              meanwhile: "Callable[[], None] | None" = None,
               _trampoline_flags: int = 0) -> "Child":
         """Start ``argv`` in the namespaces ``new`` creates and ``join`` enters.
 
@@ -211,7 +220,13 @@ class Child:
         every other fd except 0-2 is closed in the child, inheritable or not. ``cgroup`` (a
         cgroup v2 directory or an fd of one) starts the child in that cgroup. ``caps_drop``
         (names like ``"NET_RAW"``) leaves those capabilities out of the child's bounding,
-        effective, permitted and inheritable sets before it execs.
+        effective, permitted and inheritable sets before it execs. ``setup`` (a
+        :class:`~nslab.child_setup.ChildSetup`) is run by the child itself once it is in its
+        namespaces, while ``before_exec`` runs here; ``before_exec`` may send it more with
+        :meth:`configure`. ``meanwhile()`` runs here right after the clone, while the child
+        makes its new net, uts and ipc namespaces itself (``unshare``, ~0.5-1 ms of kernel
+        work that would otherwise hold up the clone); it must not touch the child, whose
+        namespaces exist only once ``before_exec`` is called.
 
         Raises :class:`~nslab.errors.InputError` on bad arguments (nothing started),
         :class:`~nslab.errors.SpawnError` (or its ``Spawn*Error`` subclasses) naming the
@@ -260,10 +275,18 @@ class Child:
         a.path = cstr(path)
         a.argv = cstr_array(argv_b)
         a.envp = cstr_array(env_b)
-        a.clone_flags = sum(KINDS[k].flag for k in kinds)
+        # With `meanwhile`, the kinds a process may unshare alone are the child's own job.
+        deferred = [k for k in kinds if meanwhile is not None and k in _UNSHARED_BY_CHILD]
+        a.clone_flags = sum(KINDS[k].flag for k in kinds if k not in deferred)
+        a.unshare_flags = sum(KINDS[k].flag for k in deferred)
         a.pdeathsig = signal.SIGKILL if die_with_parent else 0
         a.flags = _trampoline_flags
         a.caps_drop = drop_mask
+        if setup is not None:
+            program = setup.encode()
+            a.setup, a.setup_len = cstr(program), len(program)
+        else:
+            a.setup, a.setup_len = ffi.NULL, 0
         join_fds = ffi.new("int[]", [ns.fileno() for ns in joins] or [0])
         join_types = ffi.new("int[]", [ns.kind.flag for ns in joins] or [0])
         keep_arr = ffi.new("int[]", keep or [0])
@@ -305,6 +328,8 @@ class Child:
         # From here the child exists, blocked on the sync socket: whatever goes wrong (even a
         # KeyboardInterrupt) must abort it, so nothing is left waiting forever.
         child = cls(r.pid, r.pidfd, [os.fsdecode(x) for x in argv_b])
+        child._parked = r
+        child._setup = setup
         try:
             while parent_ends:
                 attr, fd, mode = parent_ends[0]
@@ -312,11 +337,23 @@ class Child:
                 parent_ends.pop(0)
             if "user" in kinds:
                 _write_user_maps(child.pid, user_map)
+            if meanwhile is not None:
+                meanwhile()
+            if deferred:
+                rc = lib.nslab_spawn_wait_ready(r)
+                if rc < 0 and rc != -errno.EPIPE:
+                    raise from_errno(-rc, "read", f"sync socket of pid {child.pid}")
+                if rc == -errno.EPIPE:   # it failed a step: the abort below reports which
+                    raise SpawnError(errno.ECHILD, f"the child of {child.argv!r} died before it "
+                                     "had its namespaces", step="sync", syscall="read",
+                                     obj=f"pid {child.pid}")
             if before_exec is not None:
                 before_exec(child)
             rep = ffi.new("struct nslab_spawn_report *")
+            child._parked = None
             released = lib.nslab_spawn_release(r, rep)
         except BaseException as exc:
+            child._parked = None
             rep = ffi.new("struct nslab_spawn_report *")
             failed_first = lib.nslab_spawn_abort(r, rep) == 1
             for _, fd, _ in parent_ends:
@@ -325,18 +362,35 @@ class Child:
             if failed_first and isinstance(exc, Exception):
                 # What the parent tripped over (the child already gone) is a consequence:
                 # report the child's own failed step, with the parent's error as context.
-                raise _step_error(rep, path, argv_b, joins, cwd_b, hostname, drop_mask) from exc
+                raise _step_error(rep, path, argv_b, joins, cwd_b, hostname, drop_mask,
+                                  child._setup) from exc
             raise
         if released == 0:
             return child
         child._discard()
         if released == 1:
-            raise _step_error(rep, path, argv_b, joins, cwd_b, hostname, drop_mask)
+            raise _step_error(rep, path, argv_b, joins, cwd_b, hostname, drop_mask, child._setup)
         if released == 2:
             raise SpawnError(errno.ECHILD, f"the child of {child.argv!r} died before it was "
                              f"released ({child._describe()})", step="sync", syscall="send",
                              obj=f"pid {child.pid}")
         raise from_errno(-released, "read", f"error pipe of the child of {child.argv!r}")
+
+    def configure(self, setup: "ChildSetup") -> None:
+        """Send a child still parked in :meth:`spawn` (i.e. from ``before_exec``) one more
+        setup program; it runs it while this thread goes on. A failed step surfaces when
+        the child is released: ``spawn`` raises a SpawnError naming it."""
+        r = self._parked
+        if r is None:
+            raise NslabError(errno.EINVAL, f"{self!r} is not waiting to be configured: "
+                             "configure() works only from before_exec")
+        program = setup.encode()
+        rc = lib.nslab_spawn_configure(r, program, len(program))
+        if rc == -errno.EPIPE:
+            return              # the child is gone; the release reports why
+        if rc < 0:
+            raise from_errno(-rc, "send", f"setup program to pid {self.pid}")
+        self._setup = setup if self._setup is None else self._setup + setup
 
     def _discard(self) -> None:
         """Kill, reap and close a child that never became the caller's (spawn failed)."""
@@ -531,6 +585,8 @@ def call_in_child(fn: Callable[..., T], *args: Any,
                   env: "Mapping[str, str] | None" = None,
                   cwd: "str | os.PathLike | None" = None,
                   user_map: "UserMap | None" = None,
+                  setup: "ChildSetup | None" = None,
+                  meanwhile: "Callable[[], None] | None" = None,
                   **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` in a new Python interpreter inside the given namespaces;
     return its result or re-raise its exception here (its traceback text as ``__cause__``).
@@ -564,7 +620,7 @@ def call_in_child(fn: Callable[..., T], *args: Any,
                 *_RUNNER_ISOLATION, _RUNNER, str(to_child_r), str(from_child_w)]
         child = Child.spawn(argv, new=new, join=join, hostname=hostname, env=env, cwd=cwd,
                             pass_fds=(to_child_r, from_child_w), before_exec=before_exec,
-                            user_map=user_map)
+                            user_map=user_map, setup=setup, meanwhile=meanwhile)
         os.close(to_child_r)
         os.close(from_child_w)
         to_child_r = from_child_w = -1
@@ -858,10 +914,15 @@ def _clone_error(err: int, argv: list[bytes], kinds: list[str], cgroup) -> Nslab
 
 
 def _step_error(rep, path: bytes, argv: list[bytes], joins: list[Namespace],
-                cwd: bytes | None, hostname: str | None, caps_dropped: int = 0) -> SpawnError:
+                cwd: bytes | None, hostname: str | None, caps_dropped: int = 0,
+                setup: "ChildSetup | None" = None) -> SpawnError:
     step_id, err, index = rep.step, rep.err, rep.index
     syscall = _STEP_SYSCALLS.get(step_id, f"step {step_id}")
-    if step_id == lib.NSLAB_STEP_SETNS and 0 <= index < len(joins):
+    if step_id == lib.NSLAB_STEP_SETUP:
+        step = obj = setup.describe(index) if setup is not None else f"setup step {index >> 8}"
+    elif step_id == lib.NSLAB_STEP_UNSHARE:
+        step, obj = "unshare(the child's new namespaces)", None
+    elif step_id == lib.NSLAB_STEP_SETNS and 0 <= index < len(joins):
         ns = joins[index]
         step, obj = f"setns({ns.kind.name} fd {ns.fileno()})", ns.description
     elif step_id == lib.NSLAB_STEP_EXECVE:
