@@ -30,7 +30,7 @@ from .errors import InputError, NslabError
 from .hosts import CurrentHost, Host, SandboxHost, scratch_root
 from .modes import Mode, check_container_name, parse_mode
 from .namespaces import KINDS, Namespace, kind_of
-from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint, check_network_name, wire_none
+from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint, check_network_name, container_setup, wire_none
 from .process import Child, caps_mask
 from .records import LabRecord
 from ._faults import checkpoint
@@ -168,7 +168,13 @@ class Container:
 
 class _Wiring:
     """The network side of one spawn: which namespaces to create and join, and the work
-    done while the child is parked between clone3 and execve. ``undo()`` is idempotent."""
+    done while the child is parked between clone3 and execve. ``undo()`` is idempotent.
+
+    The container's own side (Docker's sysctls, ``lo``, then eth0) is done by the parked
+    child itself, in C (``setup`` and :meth:`Child.configure`), in parallel with this
+    process's share (address, veth, firewall). A child with a new *user* namespace is
+    configured from here instead, by a thread inside its netns: its own writes would be
+    judged against a user namespace that maps almost nothing."""
 
     def __init__(self, lab: "Lab", plan: dict):
         self.lab = lab
@@ -179,6 +185,7 @@ class _Wiring:
         self.published: list = []
         self.owns_netns = mode.kind in ("bridge", "none")
         self.new = (("net",) if self.owns_netns else ()) + tuple(plan["new"])
+        self.setup = container_setup() if self.owns_netns and "user" not in plan["new"] else None
         if mode.kind == "host":
             self.join, self.netns = [lab.host.netns], lab.host.netns
         elif mode.kind == "container":
@@ -189,6 +196,24 @@ class _Wiring:
         else:
             self.join, self.netns = [], None
         self._published_key = None
+        self._holds_address = False        # an address reserved or attached in self.network
+
+    @property
+    def meanwhile(self) -> "Callable[[], None] | None":
+        """The host's share of a bridge endpoint that needs no netns (the address, the
+        firewall), done while the child makes its namespaces; None where that does not apply."""
+        return self._reserve_and_publish if self.network is not None and self.setup is not None else None
+
+    def _reserve_and_publish(self) -> None:
+        self._holds_address = True
+        self._publish(self.network.reserve(self.lab._owner(self.plan["name"])))
+
+    def _publish(self, address) -> None:
+        # Always, even with no ports: Docker adds DROP DIRECT ACCESS for every endpoint.
+        self._published_key = self.plan["name"]
+        self.published = self.lab.firewall.publish(self.plan["name"], self.network.bridge, address,
+                                                   self.plan["mappings"], via=self.plan["via"])
+        checkpoint("lab.published")
 
     def before_exec(self, child: Child) -> None:
         if not self.owns_netns:
@@ -196,19 +221,15 @@ class _Wiring:
         # Our own handle: it pins the netns so the veth can be removed before the netns dies.
         self.netns = Namespace.of_pidfd(child.pidfd, "net")
         if self.network is None:
-            wire_none(self.netns)
+            if self.setup is None:
+                wire_none(self.netns)
             checkpoint("none.lo")
             return
-        name = self.plan["name"]
-
-        def publish(address) -> None:
-            # Always, even with no ports: Docker adds DROP DIRECT ACCESS for every endpoint.
-            self._published_key = name
-            self.published = self.lab.firewall.publish(name, self.network.bridge, address,
-                                                       self.plan["mappings"], via=self.plan["via"])
-            checkpoint("lab.published")
-        self.endpoint = self.network.attach(self.netns, owner=self.lab._owner(name), alongside=publish,
-                                            hairpin=self.plan["via"] == "nat")
+        self._holds_address = True
+        self.endpoint = self.network.attach(
+            self.netns, owner=self.lab._owner(self.plan["name"]), hairpin=self.plan["via"] == "nat",
+            alongside=None if self.setup is not None else self._publish,
+            child=child if self.setup is not None else None)
 
     def close(self) -> None:
         """For a child that never became a Container (failed spawn, finished run): undo the
@@ -226,7 +247,8 @@ class _Wiring:
                 self._published_key = None
                 self.lab.firewall.unpublish(name)
         finally:
-            if self.network is not None and self.endpoint is not None:
+            if self.network is not None and self._holds_address:
+                self._holds_address = False
                 self.endpoint = None
                 self.network.detach(self.lab._owner(name))
 
@@ -352,7 +374,7 @@ class Lab:
             child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
                                 hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
                                 pass_fds=tuple(pass_fds), before_exec=wiring.before_exec,
-                                caps_drop=cap_drop)
+                                caps_drop=cap_drop, setup=wiring.setup, meanwhile=wiring.meanwhile)
             checkpoint("lab.spawned")
         except BaseException:
             wiring.close()
@@ -376,7 +398,8 @@ class Lab:
         wiring = _Wiring(self, plan)
         try:
             return call_in_child(fn, *args, new=wiring.new, join=wiring.join, hostname=plan["hostname"],
-                                 timeout=timeout, before_exec=wiring.before_exec, **kwargs)
+                                 timeout=timeout, before_exec=wiring.before_exec, setup=wiring.setup,
+                                 meanwhile=wiring.meanwhile, **kwargs)
         finally:
             wiring.close()
 

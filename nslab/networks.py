@@ -15,7 +15,9 @@ Per container (Docker: ``docker run --network bridge``)::
 
 The peer is created directly in the container's namespace, never moved there afterwards:
 moving a link costs an RCU grace period under RTNL and flushes its state (kernel-notes).
-Inside the container, everything is one batch of rtnetlink requests in one ``sendmsg``.
+Inside the container, the work is done by the container's own process while nslab's C
+trampoline holds it before exec (:mod:`nslab.child_setup`): its sysctls and ``lo`` while the
+parent makes the veth, then eth0 as one batch of rtnetlink requests in one ``sendmsg``.
 """
 from __future__ import annotations
 
@@ -29,15 +31,15 @@ from typing import Callable
 
 from . import ipam as _ipam
 from ._names import check_name
-from ._netlink import (GONE, address_add, default_route_add, link_index_raw, link_up,
-                       rtnl_socket_here, send_batch)
+from ._netlink import GONE, address_add, default_route_add, link_up
+from .child_setup import ChildSetup
 from .errors import InputError, NslabError
 from .hosts import Host, write_sysctl
 from .namespaces import Namespace
 from ._faults import checkpoint
 
 __all__ = ["BridgeNetwork", "Endpoint", "check_network_name", "DEFAULT_BRIDGE", "CONTAINER_MTU",
-           "CONTAINER_SYSCTLS"]
+           "CONTAINER_SYSCTLS", "container_setup", "eth0_setup", "wire_none"]
 
 DEFAULT_BRIDGE = "nslab0"          # Docker's is docker0: a different name never collides with it
 CONTAINER_MTU = 1500
@@ -139,6 +141,7 @@ class BridgeNetwork:
         self._closed = False
         self._lock = threading.Lock()
         self.endpoints: dict[str, Endpoint] = {}
+        self._reserved: dict[str, ipaddress.IPv4Address] = {}   # owner -> address, not attached yet
         self._veth_keys: dict[str, str | None] = {}
         try:
             self.index = self._create_bridge(tag)
@@ -180,25 +183,38 @@ class BridgeNetwork:
 
     # --- containers -------------------------------------------------------------------
     def attach(self, netns: Namespace, owner: str, *, address=None, hairpin: bool = False,
-               alongside: "Callable[[ipaddress.IPv4Address], object] | None" = None) -> Endpoint:
+               alongside: "Callable[[ipaddress.IPv4Address], object] | None" = None,
+               child: "Child | None" = None) -> Endpoint:
         """Wire ``netns`` to this bridge as Docker wires a container; undo with detach().
 
+        ``child``: a child parked in ``Child.spawn`` inside ``netns`` that was started with
+        :func:`container_setup` (Docker's sysctls and ``lo``, done by the child while this
+        thread allocates the address and makes the veth). It is then sent eth0's setup and
+        does it in parallel with ``alongside``; a failure surfaces when it is released.
+        Without one, a thread in ``netns`` does both halves.
         ``hairpin``: the bridge port may send a frame back out where it came from — what
         Docker sets on every port when its userland proxy is off, so a container reaches its
         own published port through the host address (hairpin NAT).
         ``alongside(address)`` runs in the calling thread while the container side is being
-        configured on another (the firewall's batch overlaps it: ~0.3 ms of a 3 ms spawn).
-        If it raises, the attachment is undone and its error propagates.
+        configured (the firewall's batch overlaps it). If it raises, the attachment is undone
+        and its error propagates.
         """
         if self._closed:
             raise NslabError(errno.EBADF, f"network {self.name} is closed")
-        ip = self.ipam.allocate(owner, address)
-        checkpoint("endpoint.address")
+        with self._lock:
+            ip = self._reserved.pop(owner, None)
+        if ip is None:
+            ip = self.reserve(owner, address)
         interface = ipaddress.IPv4Interface(f"{ip}/{self.subnet.prefixlen}")
         host_ifname = None
         try:
-            host_ifname = self._create_veth(netns)
-            configured = self._configure_inside(netns, interface)
+            host_ifname, eth0_index = self._create_veth(netns)
+            eth0 = eth0_setup(eth0_index, interface, self.gateway, announce=self.gratuitous_arp)
+            if child is not None:
+                child.configure(eth0)
+                configured = None
+            else:
+                configured = netns.call_async((container_setup() + eth0).run_here, netns.description)
             try:
                 if hairpin:
                     rtnl = self.host.rtnl
@@ -207,7 +223,8 @@ class BridgeNetwork:
                 if alongside is not None:
                     alongside(ip)
             finally:
-                configured()
+                if configured is not None:
+                    configured()
                 checkpoint("endpoint.inside")
         except BaseException:
             if host_ifname:
@@ -220,19 +237,31 @@ class BridgeNetwork:
             self.endpoints[owner] = endpoint
         return endpoint
 
-    def _create_veth(self, netns: Namespace) -> str:
+    def reserve(self, owner: str, address=None) -> ipaddress.IPv4Address:
+        """Allocate ``owner``'s address ahead of :meth:`attach` (which then uses it), so the
+        firewall can be programmed while the container's netns is still being made.
+        :meth:`detach` releases it, attached or not."""
+        if self._closed:
+            raise NslabError(errno.EBADF, f"network {self.name} is closed")
+        ip = self.ipam.allocate(owner, address)
+        checkpoint("endpoint.address")
+        with self._lock:
+            self._reserved[owner] = ip
+        return ip
+
+    def _create_veth(self, netns: Namespace) -> tuple[str, int]:
+        """The veth pair, host side enslaved and up, eth0 born in ``netns``: (host name, eth0's index)."""
         for _ in range(8):
             # Docker's naming: veth + 7 hex characters; a clash just means another draw.
             name = "veth" + secrets.token_hex(4)[:7]
             key = self.host.remember("link", ifname=name, master=self.bridge)
             try:
-                self.host.rtnl.request(
-                    "link", "add", ifname=name, kind="veth", mtu=CONTAINER_MTU, master=self.index,
-                    state="up", peer={"ifname": "eth0", "net_ns_fd": netns.fileno(), "mtu": CONTAINER_MTU},
+                eth0_index = self.host.rtnl.add_veth(
+                    name, master=self.index, mtu=CONTAINER_MTU, peer_ifname="eth0", peer_netns=netns,
                     obj=f"veth {name} (peer eth0 in {netns.description})")
                 self._veth_keys[name] = key
                 checkpoint("endpoint.veth")
-                return name
+                return name, eth0_index
             except NslabError as exc:
                 self.host.forget(key)
                 if exc.errno == errno.EXFULL:
@@ -241,43 +270,15 @@ class BridgeNetwork:
                     raise
         raise NslabError(errno.EEXIST, f"could not find a free veth name on {self.bridge}")
 
-    def _configure_inside(self, netns: Namespace, interface: ipaddress.IPv4Interface) -> Callable[[], None]:
-        """Start configuring the container side; the returned function waits for it."""
-        gateway = self.gateway
-        announce = self.gratuitous_arp
-
-        def inside() -> None:
-            apply_container_sysctls()
-            # eth0's MAC is random (as Docker 28+), so an address reused after a container went
-            # away comes back with a new MAC, and the host and the other containers would keep
-            # sending to the old one for seconds. Docker 28 sends a gratuitous ARP; the kernel
-            # does it for us when eth0 comes up with its address already on it (arp_notify), which
-            # costs nothing, where an AF_PACKET socket's close waits an RCU grace period (~12 ms).
-            if announce:
-                with open("/proc/sys/net/ipv4/conf/eth0/arp_notify", "w") as f:
-                    f.write("1")
-            # Docker 26+ disables IPv6 on a container's interface in an IPv4-only network
-            # (moby#47963). Before eth0 comes up, so it never floods link-local DAD, router
-            # solicitations and MLD reports to every port of the bridge.
-            try:
-                with open("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "w") as f:
-                    f.write("1")
-            except FileNotFoundError:
-                pass  # a kernel without IPv6
-            sock = rtnl_socket_here()
-            try:
-                index = link_index_raw(sock, "eth0")
-                send_batch(sock, [link_up("lo"), address_add(index, interface, "eth0"), link_up("eth0"),
-                                  default_route_add(gateway, index)], netns.description)
-            finally:
-                sock.close()
-        return netns.call_async(inside)
-
     def detach(self, owner: str) -> None:
         """Remove a container's veth (its peer goes with it) and release its address. Idempotent."""
         with self._lock:
             endpoint = self.endpoints.pop(owner, None)
+            reserved = self._reserved.pop(owner, None)
         if endpoint is None:
+            if reserved is not None:
+                self.ipam.release(reserved)
+                checkpoint("endpoint.released")
             return
         try:
             link = self.host.rtnl.link(ifname=endpoint.host_ifname)
@@ -302,7 +303,7 @@ class BridgeNetwork:
             return
         self._closed = True
         try:
-            for owner in list(self.endpoints):
+            for owner in list(self.endpoints) + list(self._reserved):
                 self.detach(owner)
             if not self.host.rtnl.closed:
                 self.host.rtnl.request("link", "del", index=self.index, obj=f"bridge {self.bridge}", ignore=GONE)
@@ -317,23 +318,41 @@ class BridgeNetwork:
         return f"<BridgeNetwork {self.name} {self.bridge} {self.subnet} gw {self.gateway}: {state}>"
 
 
-def apply_container_sysctls() -> None:
-    """Docker's sysctls for a private netns; call it on a thread inside that netns."""
-    for path, value in CONTAINER_SYSCTLS.items():
-        with open("/proc/sys/" + path, "w") as f:
-            f.write(value)
+def container_setup() -> ChildSetup:
+    """What Docker sets up inside every *private* netns it creates (bridge and none modes):
+    its sysctls (docker-behaviors.md, bridge #4) and ``lo`` up. Run by the child itself
+    (``Child.spawn(setup=...)``) or by :meth:`ChildSetup.run_here` on a thread inside."""
+    setup = ChildSetup()
+    for name, value in CONTAINER_SYSCTLS.items():
+        setup.write_sysctl(name, value)
+    # Looked up now, while the parent makes the veth: eth0's settings go under these later.
+    setup.warm_sysctl("net/ipv4/conf").warm_sysctl("net/ipv6/conf")
+    return setup.netlink([link_up("lo")], "the container netns")
+
+
+def eth0_setup(index: int, interface: ipaddress.IPv4Interface, gateway: ipaddress.IPv4Address, *,
+               announce: bool) -> ChildSetup:
+    """The container side of a bridge endpoint once eth0 (ifindex ``index``) exists."""
+    setup = ChildSetup()
+    # eth0's MAC is random (as Docker 28+), so an address reused after a container went
+    # away comes back with a new MAC, and the host and the other containers would keep
+    # sending to the old one for seconds. Docker 28 sends a gratuitous ARP; the kernel
+    # does it for us when eth0 comes up with its address already on it (arp_notify), which
+    # costs nothing, where an AF_PACKET socket's close waits an RCU grace period (~12 ms).
+    if announce:
+        setup.write_sysctl("net/ipv4/conf/eth0/arp_notify", "1")
+    # Docker 26+ disables IPv6 on a container's interface in an IPv4-only network
+    # (moby#47963). Before eth0 comes up, so it never floods link-local DAD, router
+    # solicitations and MLD reports to every port of the bridge. (No IPv6 in the kernel:
+    # nothing to disable.)
+    setup.write_sysctl("net/ipv6/conf/eth0/disable_ipv6", "1", optional=True)
+    return setup.netlink([address_add(index, interface, "eth0"), link_up("eth0"),
+                          default_route_add(gateway, index)], "the container netns")
 
 
 def wire_none(netns: Namespace) -> None:
-    """``--network none``: lo up and Docker's private-netns sysctls, nothing else."""
-    def inside() -> None:
-        apply_container_sysctls()
-        sock = rtnl_socket_here()
-        try:
-            send_batch(sock, [link_up("lo")], netns.description)
-        finally:
-            sock.close()
-    netns.call(inside)
+    """``--network none`` for a netns no parked child of ours is in: Docker's sysctls, lo up."""
+    netns.call(container_setup().run_here, netns.description)
 
 
 def _random_mac() -> str:

@@ -1,9 +1,12 @@
 """The four network modes against real kernel state, inside a sandbox host (root tier)."""
 import errno
 import ipaddress
+import json
 import os
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -79,6 +82,28 @@ def test_bridge_child_is_wired_like_docker(lab):
     assert veth.get_attr("IFLA_LINK") == eth0["index"]
     assert read_sysctl(lab.host.netns, "net.ipv6.conf.nslab0.accept_ra") == "0"
     assert read_sysctl(lab.host.netns, "net.ipv4.ip_forward") == "1"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("new", [(), ("user",)], ids=["by the child", "from the parent"])
+def test_bridge_child_is_wired_before_its_program_runs(lab, new):
+    """The child's first act sees its network complete: eth0 addressed, up, routed, IPv6 off,
+    Docker's sysctls. Both ways of configuring it: by the parked child itself (C), and — for a
+    child in its own user namespace — by a thread of ours inside its netns."""
+    probe = ("import json, subprocess\n"
+             "print(json.dumps({'addr': subprocess.run(['ip', '-j', 'addr', 'show', 'eth0'], "
+             "capture_output=True, text=True).stdout, 'route': subprocess.run(['ip', '-j', 'route'], "
+             "capture_output=True, text=True).stdout, 'v6': open('/proc/sys/net/ipv6/conf/eth0/disable_ipv6').read(), "
+             "'port': open('/proc/sys/net/ipv4/ip_unprivileged_port_start').read()}))")
+    c = lab.spawn([sys.executable, "-c", probe], new=new, stdout=subprocess.PIPE)
+    seen = json.loads(c.child.stdout.read())
+    assert c.wait() == 0
+    addr = json.loads(seen["addr"])[0]
+    assert "UP" in addr["flags"] and addr["mtu"] == 1500
+    assert [(a["local"], a["prefixlen"]) for a in addr["addr_info"] if a["family"] == "inet"] == [(str(c.address), 16)]
+    routes = json.loads(seen["route"])
+    assert {"dst": "default", "gateway": "172.17.0.1", "dev": "eth0"}.items() <= routes[0].items()
+    assert seen["v6"].strip() == "1" and seen["port"].strip() == "0"
 
 
 @pytest.mark.root
