@@ -16,8 +16,8 @@
  *                                               close every fd it will not need,
  *                                               restore the caller's signal mask,
  *   (optionally: other work, then               unshare() the namespaces left to it,
- *    nslab_spawn_wait_ready() <------------     setns() each fd to join (user first),
- *    until the child says "r")                  run the setup program it was given, "r"
+ *    nslab_spawn_wait_ready() <------------     setns() each fd to join (user first), "r",
+ *    until the child says "r")                  run the setup program it was given
  *   Python writes uid/gid maps, wires the       (sysctls, lo up: in parallel with the
  *   network, runs before_exec(child) ...         parent), block reading the sync socket
  *   nslab_spawn_configure(): "c" + program -->  run that program too (eth0's address,
@@ -477,9 +477,8 @@ static int __attribute__((noreturn)) child_main(void *arg)
                                     clear the parent-death signal */
 
     /* Our own share of the setup (sysctls, lo up...), while the parent does its share. */
-    int nl = -1, step = 0;
-    if (a->setup)
-        run_setup(c, a->setup, a->setup_len, &nl, &step);
+    /* Our namespaces exist: the parent may wire them (a veth into our netns) while we run
+     * our own setup. */
     if (a->unshare_flags) {
         char ready = 'r';
         while ((rc = sys3(SYS_write, c->sync_fd, &ready, 1)) == -EINTR)
@@ -487,6 +486,9 @@ static int __attribute__((noreturn)) child_main(void *arg)
         if (rc < 0)
             child_fail(c, NSLAB_STEP_SYNC, rc, 0);
     }
+    int nl = -1, step = 0;
+    if (a->setup)
+        run_setup(c, a->setup, a->setup_len, &nl, &step);
 
     /* Wait for the parent: it configures us meanwhile, and may send more setup ('c', length,
      * program) before "go" ('g'). EOF means it gave up or died. */

@@ -77,8 +77,8 @@ struct nslab_spawn_args {
     size_t setup_len;
     unsigned long long unshare_flags;  /* CLONE_NEW* the child makes itself, first thing:
                                           in parallel with the parent. It then says "ready"
-                                          (nslab_spawn_wait_ready) once it has them, has
-                                          joined join_fds and has run `setup`. */
+                                          (nslab_spawn_wait_ready) once it has them and has
+                                          joined join_fds, and runs `setup` meanwhile. */
 };
 
 /* What the parent holds after the clone: the child is blocked on the sync socket. */
@@ -104,8 +104,8 @@ int nslab_spawn(const struct nslab_spawn_args *a, struct nslab_spawn_result *r);
  * parent (for PR_SET_PDEATHSIG) is a thread that lives as long as the process. */
 int nslab_spawn_via_spawner(const struct nslab_spawn_args *a, struct nslab_spawn_result *r);
 
-/* Wait until a child started with unshare_flags has its namespaces (and ran its setup):
- * only then may the parent look at them. Returns 0, or -EPIPE if the child died first (it
+/* Wait until a child started with unshare_flags has its namespaces (its setup may still be
+ * running): only then may the parent look at them. Returns 0, or -EPIPE if the child died first (it
  * failed a step: nslab_spawn_release reports which), or -errno. */
 int nslab_spawn_wait_ready(struct nslab_spawn_result *r);
 
