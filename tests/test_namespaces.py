@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from nslab import _native
-from nslab.errors import InputError
+from nslab.errors import InputError, NslabError
 from nslab.namespaces import KINDS, NETNS_RUN_DIR, Namespace, remove_persisted
 
 ALL_KINDS = sorted(KINDS)
@@ -252,3 +252,45 @@ def test_persist_rejects_bad_names(name):
             ns.persist(name)
         with pytest.raises(InputError):
             remove_persisted(name)
+
+
+@pytest.mark.root
+def test_owner_parent_and_owner_uid_follow_the_user_namespace_tree():
+    """A child in a new user+net namespace: its netns is owned by its userns, whose parent is
+    our userns; the creator's uid is ours. Checked against /proc independently."""
+    from nslab.process import Child
+    with Child.spawn(["sleep", "30"], new=("user", "net")) as child:
+        netns = Namespace.of_pid(child.pid, "net")
+        userns = Namespace.of_pid(child.pid, "user")
+        mine = Namespace.current("user")
+        try:
+            with netns.owner() as owner, userns.parent() as parent:
+                assert owner == userns and owner.identity == stat_id(f"/proc/{child.pid}/ns/user")
+                assert parent == mine
+            assert userns.owner_uid() == os.geteuid()
+        finally:
+            for ns in (netns, userns, mine):
+                ns.close()
+
+
+def test_parent_of_the_top_user_namespace_is_refused():
+    """NS_GET_PARENT at the top of the tree (or of what we may see) is an error naming it."""
+    top = Namespace.current("user")
+    try:
+        while True:
+            try:
+                nxt = top.parent()
+            except NslabError as exc:
+                assert exc.errno in (errno.EPERM, errno.ENOENT) and "NS_GET_PARENT" in str(exc)
+                break
+            top.close()
+            top = nxt
+    finally:
+        top.close()
+
+
+def test_owner_of_a_net_namespace_is_a_user_namespace():
+    with Namespace.current("net") as net, net.owner() as owner, Namespace.current("user") as mine:
+        assert owner.kind.name == "user" and owner == mine
+        with pytest.raises(NslabError):
+            net.owner_uid()                         # only user namespaces have an owner uid
