@@ -535,10 +535,12 @@ class Lab:
         return self._closed
 
     def close(self) -> None:
-        """Tear everything down in reverse order of creation. Idempotent; reports the first error."""
-        if self._closed:
-            return
-        self._closed = True
+        """Tear everything down in reverse order of creation. Idempotent (also when called
+        from two threads at once: one tears down); reports the first error."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         errors: list[BaseException] = []
 
         def attempt(fn):

@@ -298,10 +298,12 @@ class BridgeNetwork:
         return self._closed
 
     def close(self) -> None:
-        """Detach every endpoint, delete the bridge, drop the IPAM state. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        """Detach every endpoint, delete the bridge, drop the IPAM state. Idempotent (one
+        caller tears down, even from several threads)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             for owner in list(self.endpoints) + list(self._reserved):
                 self.detach(owner)

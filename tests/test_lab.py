@@ -402,3 +402,29 @@ def test_a_dropped_file_capability_is_named_in_the_error(lab):
     from nslab.process import SpawnPermissionError
     with pytest.raises(SpawnPermissionError, match="NET_RAW.*cap_drop=\\(\\)"):
         lab.spawn([ping, "-c1", "127.0.0.1"])
+
+
+@pytest.mark.root
+def test_close_from_two_threads_tears_down_once():
+    """Two threads closing one lab at once: no error, nothing left, the bridge deleted once."""
+    import threading
+    lab = Lab()
+    c = lab.spawn(["sleep", "30"])
+    host_ns = Namespace.from_fd(lab.host.netns.fileno())
+    errors, barrier = [], threading.Barrier(2)
+
+    def closer():
+        barrier.wait()
+        try:
+            lab.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=closer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == [] and lab.closed and c.closed
+    finally:
+        host_ns.close()
