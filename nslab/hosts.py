@@ -151,24 +151,50 @@ class Host:
         return read_sysctl(self.netns, name)
 
     def set_sysctl(self, name: str, value: str) -> None:
-        """Set a sysctl in the host's namespace; the first old value is kept for restore()."""
+        """Set a sysctl in the host's namespace; the first old value is kept for restore().
+
+        On a host that outlives nslab the change is a lease shared with every other lab on
+        it (:mod:`nslab.sysctl_leases`): the last one to leave restores the old value."""
+        value = str(value)
         with self._lock:
-            old = read_sysctl(self.netns, name)
-            if old == str(value):
+            if not self._restore_sysctls:
+                if read_sysctl(self.netns, name) != value:
+                    write_sysctl(self.netns, name, value)
+                    checkpoint("host.sysctl")
                 return
-            if name not in self._saved_sysctls:
-                self._saved_sysctls[name] = old
-                self._sysctl_keys[name] = self.remember("sysctl", name=name, old=old)
-            write_sysctl(self.netns, name, value)
+            if name in self._saved_sysctls:
+                return
+            from . import sysctl_leases
+            holder = self._holder()
+            # Written down first: a crash between the lease and the record must leave gc a
+            # way to release it (releasing a lease we never took is a no-op).
+            key = self.remember("sysctl", name=name, lease_dir=self.state_dir, holder=holder)
+            try:
+                old = sysctl_leases.acquire(self.netns, self.state_dir, name, value, holder)
+            except BaseException:
+                self.forget(key)
+                raise
+            if old is None:
+                self.forget(key)
+                return
+            self._saved_sysctls[name] = old
+            self._sysctl_keys[name] = key
             checkpoint("host.sysctl")
 
     def restore_sysctl(self, name: str) -> None:
         with self._lock:
-            old = self._saved_sysctls.pop(name, None)
-            if old is not None:
-                write_sysctl(self.netns, name, old)
-                checkpoint("host.sysctl_restored")
-                self.forget(self._sysctl_keys.pop(name, None))
+            if self._saved_sysctls.pop(name, None) is None:
+                return
+            from . import sysctl_leases
+            sysctl_leases.release(self.netns, self.state_dir, name, self._holder())
+            checkpoint("host.sysctl_restored")
+            self.forget(self._sysctl_keys.pop(name, None))
+
+    def _holder(self) -> str:
+        """Who holds this host's sysctl leases: its lab (gc knows it by that id)."""
+        if self.record is not None:
+            return self.record.lab_id
+        return f"pid{os.getpid()}-{id(self):x}"
 
     @property
     def changed_sysctls(self) -> dict[str, str]:

@@ -542,6 +542,10 @@ def _undo(lab: str, entry: dict, ns, directory: str, path: str) -> str | None:
         return None
     if kind == "link":
         return _undo_link(entry, ns)
+    if kind == "sysctl" and "lease_dir" in entry:
+        from .sysctl_leases import release
+        old = release(ns, entry["lease_dir"], entry["name"], entry["holder"])
+        return None if old is None else f"sysctl {entry['name']} restored to {old!r} (its last holder)"
     if kind == "sysctl":
         from .hosts import read_sysctl, write_sysctl
         try:

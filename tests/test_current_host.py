@@ -112,3 +112,24 @@ def test_current_host_crash_then_gc_restores_the_host(tmp_path):
         assert pinned_by_mounts(run.netns_cookies(), mounts) == []
     finally:
         run.close()
+
+
+def test_two_current_host_labs_share_forwarding_until_the_last_closes(tmp_path, monkeypatch):
+    """Two labs on the real host both consent to forwarding: closing the first leaves it on
+    for the second; closing the second puts back what the machine had."""
+    monkeypatch.setenv("NSLAB_RECORDS_DIR", str(tmp_path / "labs"))
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        original = f.read().strip()
+    before = host_state()
+    a = Lab("current", allow_forwarding=True)
+    b = Lab("current", allow_forwarding=True)
+    try:
+        a.close()
+        with open("/proc/sys/net/ipv4/ip_forward") as f:
+            assert f.read().strip() == "1"
+    finally:
+        a.close()
+        b.close()
+    with open("/proc/sys/net/ipv4/ip_forward") as f:
+        assert f.read().strip() == original
+    assert host_diff(before, host_state()) == []
