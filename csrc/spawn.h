@@ -43,9 +43,10 @@
  * payload, padded to 4. One program comes with the arguments and runs before the child waits
  * (it overlaps the parent's work); more may come over the sync socket
  * (nslab_spawn_configure) while it waits. */
-#define NSLAB_SETUP_WRITE      1  /* payload "path\0value": write value to /proc/sys/path */
+#define NSLAB_SETUP_WRITE      1  /* payload "name\0value": write value to /proc/sys/name
+                                     (name relative, like net/ipv4/ip_forward) */
 #define NSLAB_SETUP_WRITE_OPT  2  /* the same, but a missing file is not an error */
-#define NSLAB_SETUP_TOUCH      3  /* payload "path": open and close /proc/sys/path (missing: fine) */
+#define NSLAB_SETUP_TOUCH      3  /* payload "name": look /proc/sys/name up (missing: fine) */
 #define NSLAB_SETUP_NETLINK    4  /* payload: rtnetlink requests (NLM_F_ACK set, seq 1..n),
                                      sent in one sendmsg; every ack is checked */
 #define NSLAB_SETUP_MAX        8192  /* bytes of one program */

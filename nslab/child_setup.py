@@ -55,16 +55,18 @@ class ChildSetup:
         if not isinstance(value, str) or "\0" in value:
             raise InputError("value", "a sysctl value is a string without NUL", value)
         op = _lib.NSLAB_SETUP_WRITE_OPT if optional else _lib.NSLAB_SETUP_WRITE
-        self._steps.append((op, path.encode() + b"\0" + value.encode(), f"write {path}", []))
+        self._steps.append((op, name.encode() + b"\0" + value.encode(), f"write {path}", []))
         return self
 
     def warm_sysctl(self, name: str) -> "ChildSetup":
-        """Look ``/proc/sys/<name>`` up without opening it (missing: fine). Why: the first
-        lookup of ``net/ipv4`` or ``net/ipv6`` in a new netns compares against the entry of
-        every other live netns (one shared ``/proc/sys/net`` dentry: ~0.25 ms at 1,000
-        containers). Done early, that cost overlaps the parent's work instead of following it."""
+        """Look ``/proc/sys/<name>`` up without opening it (missing: fine). Why: in the
+        shared procfs, the first lookup of ``net/ipv4`` or ``net/ipv6`` in a new netns compares
+        against the entry of every other live netns (one shared ``/proc/sys/net`` dentry:
+        ~0.3 ms at 1,000 containers). Done early, that cost overlaps the parent's work instead
+        of following it. (The trampoline avoids it altogether with a procfs instance of the
+        child's own where it may make one: csrc/spawn.c, ``open_proc_sys``.)"""
         path = _sysctl_path(name)
-        self._steps.append((_lib.NSLAB_SETUP_TOUCH, path.encode() + b"\0", f"look up {path}", []))
+        self._steps.append((_lib.NSLAB_SETUP_TOUCH, name.encode() + b"\0", f"look up {path}", []))
         return self
 
     def netlink(self, requests: Sequence[Request], where: str) -> "ChildSetup":
@@ -117,7 +119,8 @@ class ChildSetup:
         try:
             for op, payload, what, requests in self._steps:
                 if op in (_lib.NSLAB_SETUP_WRITE, _lib.NSLAB_SETUP_WRITE_OPT):
-                    path, value = payload.split(b"\0", 1)
+                    name, value = payload.split(b"\0", 1)
+                    path = _PROC_SYS.encode() + name
                     try:
                         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
                     except FileNotFoundError:
@@ -132,7 +135,7 @@ class ChildSetup:
                         os.close(fd)
                 elif op == _lib.NSLAB_SETUP_TOUCH:
                     try:
-                        os.close(os.open(payload.rstrip(b"\0"), os.O_PATH | os.O_CLOEXEC))
+                        os.close(os.open(_PROC_SYS.encode() + payload.rstrip(b"\0"), os.O_PATH | os.O_CLOEXEC))
                     except OSError:
                         pass
                 else:

@@ -328,6 +328,8 @@ def container_setup() -> ChildSetup:
     for name, value in CONTAINER_SYSCTLS.items():
         setup.write_sysctl(name, value)
     # Looked up now, while the parent makes the veth: eth0's settings go under these later.
+    # (The trampoline writes through a procfs instance of the child's own, where lookups are
+    # cheap anyway; this matters where it cannot make one, in a rootless lab: spawn.c.)
     setup.warm_sysctl("net/ipv4/conf").warm_sysctl("net/ipv6/conf")
     return setup.netlink([link_up("lo")], "the container netns")
 
