@@ -16,11 +16,10 @@ caller's job (one route dump); turning it into a decision is pure and tested her
     >>> choose_subnet(avoid, taken=Ipam.held_subnets(state_dir).values())
     IPv4Network('172.18.0.0/16')                        # docker0 holds 172.17.0.0/16
 
-**Handing out addresses.** :class:`Ipam` keeps one network's reservations in a JSON file
-under ``<state_dir>/ipam/``. Every operation takes an ``flock`` on the network's lock file
-(and a thread lock, because ``flock`` does not exclude threads sharing one open file), reads
-the state, changes it, and writes it back atomically (temporary file + ``os.replace``), so
-threads and processes sharing a state directory never hand out one address twice::
+**Handing out addresses.** :class:`Ipam` keeps one network's reservations under
+``<state_dir>/ipam/``. Every operation takes an ``flock`` on the network's lock file (and a
+thread lock, because ``flock`` does not exclude threads sharing one open file), so threads
+and processes sharing a state directory never hand out one address twice::
 
     >>> with Ipam(state_dir, "nslab0", "172.18.0.0/16") as ipam:   # gateway .1 reserved
     ...     ipam.allocate("child-1")                               # lowest free first
@@ -29,22 +28,42 @@ threads and processes sharing a state directory never hand out one address twice
     ...     ipam.release_owner("child-1")                          # on teardown
     ...     ipam.release_where(lambda addr, owner: owner not in alive)   # garbage collection
 
+The reservations are an append-only journal, ``<network>.journal``: a header line, then one
+line per change, ``+172.18.0.2 child-1`` or ``-172.18.0.2``, each change one ``O_APPEND``
+write made under the lock. An operation therefore costs the same with 10 or 10,000
+addresses allocated: each :class:`Ipam` caches what it replayed and, under the lock, reads
+only what other handles appended since (they are the only writers, and they hold the lock
+too). A final line without its newline is the torn write of a writer that died mid-write;
+it never happened (its caller got no answer) and the next locked reader cuts it off (a
+``release_where`` cut short this way has released only its whole lines: the rest stay held
+until the next collection). When
+the journal holds more than twice as many records as live reservations (plus a constant),
+the writer rewrites it as a snapshot, to a temporary file renamed over it; other handles see
+the new inode at their next operation and read it whole, so compaction costs amortized O(1)
+per change. ``<network>.json`` describes the network (subnet, gateway) and is written once:
+:meth:`Ipam.held_subnets` reads only those.
+
 The network address, the broadcast address and the gateway are never handed out. A full
 subnet raises :class:`~nslab.errors.ResourceExhaustedError` naming the network and subnet;
 bad input raises :class:`~nslab.errors.InputError` naming the field, before anything changes.
 
 The state is not fsync'ed: reservations only mean something while the namespaces they
-describe exist, and none survives a reboot; ``os.replace`` already makes every write
-all-or-nothing for other readers.
+describe exist, and none survives a reboot. A crash (of a process, not the kernel) leaves
+every record either whole or torn at the end of the journal, and ``os.replace`` makes a
+compaction all-or-nothing: no crash makes two handles hand out one address, or forgets one
+that was handed out.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import fcntl
+import heapq
 import ipaddress
 import json
 import os
+import re
+import socket
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -246,7 +265,13 @@ def validate_network_name(name: object, field: str = "network") -> str:
 
 # --- the allocator --------------------------------------------------------------------------
 _POOLS_LOCK = ".pools.lock"
-_VERSION = 1
+# 1: one JSON file holding every reservation, rewritten whole by each change (O(allocated)).
+# 2: a JSON description written once, plus an append-only journal of the reservations.
+_VERSION = 2
+_JOURNAL_MAGIC = b"nslab-ipam-journal"
+# A journal is compacted once it holds more than twice as many records as live reservations,
+# plus this many: the rewrite (O(live)) then comes at most once per ``live + slack`` changes.
+_COMPACT_SLACK = 256
 
 
 class Ipam:
@@ -258,8 +283,14 @@ class Ipam:
     overlaps with other one on this address space"). Reopening with a different subnet, or
     a different explicit gateway, is an :class:`InputError`; without one it adopts the
     stored gateway. Safe from many threads, and from many processes sharing ``state_dir``.
-    Files: ``<state_dir>/ipam/<network>.json`` (the state), ``<network>.lock`` (its flock),
-    ``.pools.lock`` (held while a network is created or removed).
+    Files: ``<state_dir>/ipam/<network>.json`` (what the network is: written once, its
+    presence means the network exists), ``<network>.journal`` (its reservations),
+    ``<network>.lock`` (its flock), ``.pools.lock`` (held while a network is created or
+    removed).
+
+    Every operation costs the same however many addresses are allocated: it reads only
+    the journal records other handles appended since this one last looked, and appends one
+    write of its own (see the module docstring).
     """
 
     def __init__(self, state_dir: str, network: str, subnet: "str | IPv4Network",
@@ -272,11 +303,20 @@ class Ipam:
         self._last = int(self.subnet.broadcast_address) - 1
         self.dir = os.path.join(os.path.abspath(state_dir), "ipam")
         self.state_path = os.path.join(self.dir, f"{self.network}.json")
+        self.journal_path = os.path.join(self.dir, f"{self.network}.journal")
         self.lock_path = os.path.join(self.dir, f"{self.network}.lock")
         self._thread_lock = threading.Lock()
         self._lock_fd = -1
-        self._raw: bytes | None = None        # the file as last read or written by us ...
-        self._state: dict | None = None       # ... and its parsed form (reused if unchanged)
+        # The journal as this handle last saw it, all guarded by the locks (see _sync). The fd
+        # stays open so that the inode it names cannot be freed and reused by a new journal
+        # while we compare identities.
+        self._journal_fd = -1
+        self._journal_id: tuple[int, int] | None = None   # (st_dev, st_ino) of _journal_fd
+        self._offset = 0                  # bytes replayed: always the end of a whole record
+        self._records = 0                 # records after the header line (compaction trigger)
+        self._held: dict[int, str] = {}   # address (as an int) -> owner
+        self._holes: list[int] = []       # heap of freed addresses below _next (some stale)
+        self._next = self._first          # every address from here up is free unless held
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -320,7 +360,8 @@ class Ipam:
 
     @staticmethod
     def held_subnets(state_dir: str) -> dict[str, IPv4Network]:
-        """The subnet of every network with IPAM state in ``state_dir`` (the ``taken`` list)."""
+        """The subnet of every network with IPAM state in ``state_dir`` (the ``taken`` list).
+        Reads only each network's small description, never its reservations."""
         ipam_dir = os.path.join(os.path.abspath(state_dir), "ipam")
         try:
             names = sorted(os.listdir(ipam_dir))
@@ -352,7 +393,15 @@ class Ipam:
             if not os.path.exists(lock_path):
                 return False
             with _flocked_file(lock_path):
+                # The journal first: from then on open handles fail (ENOENT) and a crash here
+                # leaves a description without a journal, which counts as half-removed (its
+                # subnet stays taken until the next open or remove finishes the job).
+                _unlink(os.path.join(ipam_dir, f"{network}.journal"))
                 existed = _unlink(os.path.join(ipam_dir, f"{network}.json"))
+                leftover = re.compile(rf"{re.escape(network)}\.(?:json|journal)\.\d+\.\d+\.tmp")
+                for name in os.listdir(ipam_dir):          # of writers that crashed mid-rewrite
+                    if leftover.fullmatch(name):
+                        _unlink(os.path.join(ipam_dir, name))
                 # Unlinked while we hold it: waiters notice the inode changed and reopen.
                 _unlink(lock_path)
         return existed
@@ -367,40 +416,38 @@ class Ipam:
         """
         owner = _check_owner(owner)
         wanted = None if address is None else self._check_address(address, "address")
-        with self._transaction() as state:
-            allocations: dict[str, str] = state["allocations"]
+        with self._locked():
+            self._sync()
             if wanted is not None:
-                key = str(wanted)
-                if key in allocations:
+                chosen = int(wanted)
+                if chosen in self._held:
                     raise from_errno(errno.EADDRINUSE, "ipam allocate",
-                                     f"address {key} in network {self.network!r} "
-                                     f"(held by {allocations[key]!r})")
-                allocations[key] = owner
-                return wanted
-            gw = int(self.gateway)
-            # All addresses below the low-water mark are known to be taken: start there.
-            candidate = max(self._first, int(state.get("low_water", self._first)))
-            while candidate <= self._last:
-                if candidate != gw and str(IPv4Address(candidate)) not in allocations:
-                    break
-                candidate += 1
+                                     f"address {wanted} in network {self.network!r} "
+                                     f"(held by {self._held[chosen]!r})")
             else:
-                raise ResourceExhaustedError(
-                    errno.ENOSPC,
-                    f"no free address in network {self.network!r} ({self.subnet}): all {self.capacity} "
-                    f"usable addresses are allocated", obj=f"network {self.network} {self.subnet}",
-                    hint="release addresses, or use a larger subnet")
-            allocations[str(IPv4Address(candidate))] = owner
-            state["low_water"] = candidate + 1
-            return IPv4Address(candidate)
+                found = self._lowest_free()
+                if found is None:
+                    raise ResourceExhaustedError(
+                        errno.ENOSPC,
+                        f"no free address in network {self.network!r} ({self.subnet}): all "
+                        f"{self.capacity} usable addresses are allocated",
+                        obj=f"network {self.network} {self.subnet}",
+                        hint="release addresses, or use a larger subnet")
+                chosen = found
+            self._append(_add_record(chosen, owner))
+            self._add(chosen, owner)
+            return IPv4Address(chosen)
 
     def release(self, address: "str | IPv4Address") -> bool:
         """Give ``address`` back; True if it was allocated. Idempotent."""
         addr = self._check_address(address, "address", reserved_ok=True)
-        with self._transaction() as state:
-            if state["allocations"].pop(str(addr), None) is None:
+        with self._locked():
+            self._sync()
+            key = int(addr)
+            if key not in self._held:
                 return False
-            state["low_water"] = min(int(state.get("low_water", self._first)), int(addr))
+            self._append(_remove_record(key))
+            self._remove(key)
             return True
 
     def release_owner(self, owner: str) -> list[IPv4Address]:
@@ -412,26 +459,27 @@ class Ipam:
         """Release every reservation for which ``predicate(address, owner)`` is true (the
         garbage collector's tool: release what dead owners held). Returns what it released.
         The predicate runs under the lock: keep it quick and free of IPAM calls."""
-        with self._transaction() as state:
-            allocations: dict[str, str] = state["allocations"]
-            gone = {IPv4Address(a): o for a, o in allocations.items() if predicate(IPv4Address(a), o)}
-            for addr in gone:
-                del allocations[str(addr)]
+        with self._locked():
+            self._sync()
+            gone = [(a, o) for a, o in self._held.items() if predicate(IPv4Address(a), o)]
             if gone:
-                state["low_water"] = min([int(state.get("low_water", self._first))]
-                                         + [int(a) for a in gone])
-            return dict(sorted(gone.items()))
+                self._append(b"".join(_remove_record(a) for a, _ in gone))   # one write
+                for a, _ in gone:
+                    self._remove(a)
+            return {IPv4Address(a): o for a, o in sorted(gone)}
 
     def allocations(self) -> dict[IPv4Address, str]:
         """Every reservation, address → owner, lowest address first."""
-        with self._transaction(write=False) as state:
-            return dict(sorted((IPv4Address(a), o) for a, o in state["allocations"].items()))
+        with self._locked():
+            self._sync()
+            return {IPv4Address(a): self._held[a] for a in sorted(self._held)}
 
     def owner_of(self, address: "str | IPv4Address") -> str | None:
         """Who holds ``address`` (None if free or reserved)."""
         addr = self._check_address(address, "address", reserved_ok=True)
-        with self._transaction(write=False) as state:
-            return state["allocations"].get(str(addr))
+        with self._locked():
+            self._sync()
+            return self._held.get(int(addr))
 
     @property
     def capacity(self) -> int:
@@ -448,7 +496,7 @@ class Ipam:
         (network teardown: :meth:`remove` forgets them all, once)."""
         with self._thread_lock:
             fd, self._lock_fd = self._lock_fd, -1
-            self._raw = self._state = None
+            self._forget()
             if fd >= 0:
                 os.close(fd)
         if remove:
@@ -461,21 +509,21 @@ class Ipam:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "_lock_fd", -1) >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        for name in ("_lock_fd", "_journal_fd"):
+            if getattr(self, name, -1) >= 0:
+                os.close(getattr(self, name))
+                setattr(self, name, -1)
 
     def __repr__(self) -> str:
         if self.closed:
             state = "closed"
         else:
-            known = self._state
-            state = (f"{len(known['allocations'])} allocated at last look" if known is not None
+            state = (f"{len(self._held)} allocated at last look" if self._journal_id is not None
                      else "open")
         return (f"<Ipam {self.network} {self.subnet} gateway {self.gateway}: {state}, "
                 f"{self.state_path}>")
 
-    # --- internals -----------------------------------------------------------------------
+    # --- internals: input ----------------------------------------------------------------
     def _check_gateway(self, gateway: object) -> IPv4Address:
         if gateway is None:
             return self.subnet.network_address + 1
@@ -505,6 +553,7 @@ class Ipam:
             raise InputError(field, f"{addr} is network {self.network!r}'s gateway", str(addr))
         return addr
 
+    # --- internals: locking ----------------------------------------------------------------
     def _open_lock(self) -> None:
         try:
             self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -531,42 +580,26 @@ class Ipam:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
                 if now is None:
+                    self._forget()
                     raise self._removed_error()
-                self._open_lock()               # removed and made again: check its state
+                self._open_lock()               # removed and made again: _sync reloads
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def _transaction(self, write: bool = True) -> Iterator[dict]:
-        """Locked read-modify-write of the state. Changes the block makes to the yielded
-        dict are written back (only if it returns normally and changed something); the
-        cached state is never mutated, so a failed block leaves nothing half-done."""
-        with self._locked():
-            state = self._load()
-            if state is None or state["subnet"] != str(self.subnet) \
-                    or state["gateway"] != str(self.gateway):
-                raise self._removed_error()
-            if not write:
-                yield state                     # read-only callers never mutate it
-                return
-            working = dict(state, allocations=dict(state["allocations"]))
-            yield working
-            if working != state:
-                self._store(working)
-
+    # --- internals: the description (<network>.json) ----------------------------------------
     def _ensure_state(self, pools_locked: bool) -> None:
-        """Create the state file on first use, checking the subnet against other networks
-        under the directory-wide lock (which :meth:`for_network` may already hold: a second
-        flock on it from this process would wait for ourselves)."""
+        """Create the state on first use, checking the subnet against other networks under
+        the directory-wide lock (which :meth:`for_network` may already hold: a second flock
+        on it from this process would wait for ourselves)."""
         with self._locked():
-            state = self._load()
+            state = self._existing()
         if state is None:
             pools = (contextlib.nullcontext() if pools_locked
                      else _flocked_file(os.path.join(self.dir, _POOLS_LOCK)))
             with pools, self._locked():
-                state = self._load()
+                state = self._existing()
                 if state is None:
                     for name, held in self.held_subnets(os.path.dirname(self.dir)).items():
                         if name != self.network and held.overlaps(self.subnet):
@@ -574,7 +607,7 @@ class Ipam:
                                              f"address space: network {name!r} holds {held}",
                                              str(self.subnet))
                     state = self._fresh_state()
-                    self._store(state)
+                    self._create(state)
         if state["subnet"] != str(self.subnet):
             raise InputError("subnet", f"network {self.network!r} already holds {state['subnet']}",
                              str(self.subnet))
@@ -584,46 +617,247 @@ class Ipam:
             raise InputError("gateway", f"network {self.network!r} already has gateway "
                              f"{state['gateway']}", str(self.gateway))
 
+    def _existing(self) -> dict | None:
+        """The network's description, or None if it has none or no journal (a creation or
+        removal that did not finish: either way the network is to be made afresh)."""
+        try:
+            with open(self.state_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise from_errno(exc.errno, "read", f"IPAM state {self.state_path}") from None
+        state = _parse_state(raw, self.state_path)
+        return state if os.path.exists(self.journal_path) else None
+
+    def _fresh_state(self) -> dict:
+        return {"version": _VERSION, "network": self.network, "subnet": str(self.subnet),
+                "gateway": str(self.gateway), "journal": os.path.basename(self.journal_path)}
+
+    def _create(self, state: dict) -> None:
+        """Write a new network's journal, then its description. Any old description is
+        unlinked first and the new one renamed in last, so a crash at any point leaves either
+        no network (a stray journal the next creation replaces) or a whole one."""
+        _unlink(self.state_path)
+        self._forget()
+        fd = _replace_file(self.journal_path, self._journal_header(), "journal")
+        self._adopt(fd, offset=len(self._journal_header()))
+        os.close(_replace_file(self.state_path, json.dumps(state, separators=(",", ":")).encode(),
+                               "state"))
+
     def _removed_error(self) -> NslabError:
         return from_errno(errno.ENOENT, "ipam", f"state of network {self.network!r} "
                           f"({self.state_path})", hint="the network was removed (Ipam.remove) "
                           "since this handle opened it: open it again")
 
-    def _fresh_state(self) -> dict:
-        return {"version": _VERSION, "network": self.network, "subnet": str(self.subnet),
-                "gateway": str(self.gateway), "low_water": self._first, "allocations": {}}
+    # --- internals: the journal (<network>.journal) -----------------------------------------
+    # Line 1: b"nslab-ipam-journal 2 <network> <subnet> <gateway>". Then one record a line:
+    # b"+<address> <owner>" (owner in Python's unicode_escape: ASCII, no raw newline) or
+    # b"-<address>". Only whole lines count: a final line without its newline is the torn
+    # write of a writer that died holding the lock, and is cut off by the next locked reader.
+    def _journal_header(self) -> bytes:
+        return b"%s %d %s %s %s\n" % (_JOURNAL_MAGIC, _VERSION, self.network.encode(),
+                                      str(self.subnet).encode(), str(self.gateway).encode())
 
-    def _load(self) -> dict | None:
+    def _sync(self) -> None:
+        """Under the locks: bring the cache up to what the journal says. Reads only the bytes
+        appended since this handle last looked, or the whole journal if it is another file
+        now (compacted, or the network removed and made again)."""
         try:
-            with open(self.state_path, "rb") as f:
-                raw = f.read()
+            st = os.stat(self.journal_path)
         except FileNotFoundError:
-            self._raw = self._state = None
-            return None
+            self._forget()
+            raise self._removed_error() from None
         except OSError as exc:
-            raise from_errno(exc.errno, "read", f"IPAM state {self.state_path}") from None
-        # Unchanged since we last saw it (byte-for-byte): skip parsing, the costly part.
-        if raw != self._raw or self._state is None:
-            self._state = _parse_state(raw, self.state_path)
-            self._raw = raw
-        return self._state
+            raise from_errno(exc.errno, "stat", f"IPAM journal {self.journal_path}") from None
+        if (st.st_dev, st.st_ino) != self._journal_id or st.st_size < self._offset:
+            self._reload()
+        elif st.st_size > self._offset:
+            self._replay(self._read(self._offset, st.st_size), self._offset)
 
-    def _store(self, state: dict) -> None:
-        raw = json.dumps(state, separators=(",", ":")).encode()
-        tmp = f"{self.state_path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    def _reload(self) -> None:
+        self._forget()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(raw)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.state_path)
+            fd = os.open(self.journal_path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise self._removed_error() from None
         except OSError as exc:
-            _unlink(tmp)
-            raise from_errno(exc.errno, "write", f"IPAM state {self.state_path}") from None
-        self._raw, self._state = raw, state
+            raise from_errno(exc.errno, "open", f"IPAM journal {self.journal_path}") from None
+        self._adopt(fd, offset=0)
+        try:
+            data = self._read(0, os.fstat(fd).st_size)
+            end = data.find(b"\n") + 1
+            words = data[:end].split()
+            if not end or len(words) != 5 or words[0] != _JOURNAL_MAGIC \
+                    or words[1] != str(_VERSION).encode() or words[2] != self.network.encode():
+                raise self._corrupt(0, f"not a version {_VERSION} journal of network "
+                                       f"{self.network!r}: {data[:80]!r}")
+            if words[3] != str(self.subnet).encode() or words[4] != str(self.gateway).encode():
+                raise self._removed_error()     # made again with another subnet or gateway
+            self._offset = end
+            self._replay(data[end:], end)
+        except BaseException:
+            self._forget()
+            raise
+
+    def _replay(self, data: bytes, base: int) -> None:
+        """Apply the whole records of ``data`` (journal bytes from offset ``base``); cut off
+        a torn one at the end."""
+        end = data.rfind(b"\n") + 1
+        pos = base
+        try:
+            lines = data[:end].split(b"\n")
+            lines.pop()                         # after the last newline: empty
+            for line in lines:
+                self._apply(line, pos)
+                pos += len(line) + 1
+        except BaseException:
+            self._forget()                      # the cache is half-applied: reload next time
+            raise
+        self._offset = pos
+        self._records += len(lines)
+        if end < len(data):
+            try:
+                os.ftruncate(self._journal_fd, pos)
+            except OSError as exc:
+                raise from_errno(exc.errno, "ftruncate", f"IPAM journal {self.journal_path}: "
+                                 "cutting off a torn record") from None
+
+    def _apply(self, line: bytes, pos: int) -> None:
+        """One record into the cache, checked: a record no writer could have written (a
+        malformed line, an address held twice, a release of a free one) is corruption."""
+        op, rest = line[:1], line[1:]
+        if op == b"+":
+            text, space, owner_raw = rest.partition(b" ")
+            addr = _parse_address(text)
+            try:
+                owner = owner_raw.decode("unicode_escape")
+            except UnicodeDecodeError:
+                owner = ""
+            if addr is None or not space or not owner:
+                raise self._corrupt(pos, f"malformed record {line[:300]!r}")
+            if not self._first <= addr <= self._last or addr == int(self.gateway):
+                raise self._corrupt(pos, f"{line[:40]!r} reserves an address children cannot get")
+            if addr in self._held:
+                raise self._corrupt(pos, f"{line[:40]!r} reserves an address already held")
+            self._add(addr, owner)
+        elif op == b"-":
+            addr = _parse_address(rest)
+            if addr is None:
+                raise self._corrupt(pos, f"malformed record {line[:40]!r}")
+            if addr not in self._held:
+                raise self._corrupt(pos, f"{line[:40]!r} releases an address not held")
+            self._remove(addr)
+        else:
+            raise self._corrupt(pos, f"unknown record {line[:40]!r}")
+
+    def _append(self, records: bytes) -> None:
+        """Append whole records with one O_APPEND write under the locks (compacting first if
+        the journal is due, so that a failed compaction fails the operation, not after it)."""
+        if self._records > 2 * len(self._held) + _COMPACT_SLACK:
+            self._compact()
+        try:
+            _write_all(self._journal_fd, records)
+        except OSError as exc:
+            # A short write (ENOSPC) would leave a torn record, or some of several: cut it off,
+            # so the operation did nothing. If even that fails, the next reader cuts a torn
+            # tail itself, and our cache, which never counted the bytes, replays the rest.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal_fd, self._offset)
+            raise from_errno(exc.errno, "write", f"IPAM journal {self.journal_path}") from None
+        self._offset += len(records)
+        self._records += records.count(b"\n")
+
+    def _compact(self) -> None:
+        """Replace the journal by a snapshot of what is held (temporary file + rename under
+        the locks: other handles see either the old journal or the whole new one, and notice
+        the new inode at their next operation)."""
+        data = self._journal_header() + b"".join(_add_record(a, self._held[a])
+                                                 for a in sorted(self._held))
+        fd = _replace_file(self.journal_path, data, "journal")
+        os.close(self._journal_fd)
+        self._adopt(fd, offset=len(data))
+        self._records = len(self._held)
+        holes = {a for a in self._holes if a not in self._held}   # drop stale heap entries
+        self._holes = sorted(holes)                                # a sorted list is a heap
+
+    def _adopt(self, fd: int, offset: int) -> None:
+        """Make ``fd`` this handle's journal, its records before ``offset`` already applied."""
+        st = os.fstat(fd)
+        self._journal_fd, self._journal_id = fd, (st.st_dev, st.st_ino)
+        self._offset = offset
+
+    def _forget(self) -> None:
+        """Drop the cache (closing the journal): the next operation reads the journal anew."""
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+        self._journal_fd, self._journal_id = -1, None
+        self._offset = self._records = 0
+        self._held, self._holes, self._next = {}, [], self._first
+
+    def _read(self, start: int, stop: int) -> bytes:
+        chunks = []
+        while start < stop:
+            try:
+                chunk = os.pread(self._journal_fd, stop - start, start)
+            except OSError as exc:
+                raise from_errno(exc.errno, "read", f"IPAM journal {self.journal_path}") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            start += len(chunk)
+        return b"".join(chunks)
+
+    def _corrupt(self, pos: int, why: str) -> NslabError:
+        return NslabError(errno.EBADMSG, f"IPAM state {self.journal_path} is corrupt ({why}, at "
+                          f"byte {pos}): remove it only if no nslab network uses it",
+                          obj=self.journal_path)
+
+    # --- internals: the free addresses ---------------------------------------------------
+    # Lowest free first, in amortized O(log holes) whatever is held: every address below _next
+    # is held, the gateway, or in the heap _holes; from _next up, an address is free unless
+    # held. A heap entry that was taken again (a requested address) is dropped when it
+    # surfaces; _next only moves up past held addresses, each of which it passes once.
+    def _lowest_free(self) -> int | None:
+        held, holes = self._held, self._holes
+        while holes and holes[0] in held:
+            heapq.heappop(holes)
+        if holes:
+            return holes[0]
+        gateway, nxt = int(self.gateway), self._next
+        while nxt <= self._last and (nxt in held or nxt == gateway):
+            nxt += 1
+        self._next = nxt
+        return nxt if nxt <= self._last else None
+
+    def _add(self, addr: int, owner: str) -> None:
+        self._held[addr] = owner
+        if self._holes and self._holes[0] == addr:
+            heapq.heappop(self._holes)
+        elif addr == self._next:
+            self._next = addr + 1
+
+    def _remove(self, addr: int) -> None:
+        del self._held[addr]
+        if addr < self._next:
+            heapq.heappush(self._holes, addr)
+
+
+def _add_record(addr: int, owner: str) -> bytes:
+    return b"+%s %s\n" % (socket.inet_ntoa(addr.to_bytes(4, "big")).encode(),
+                          owner.encode("unicode_escape"))
+
+
+def _remove_record(addr: int) -> bytes:
+    return b"-%s\n" % socket.inet_ntoa(addr.to_bytes(4, "big")).encode()
+
+
+def _parse_address(text: bytes) -> int | None:
+    try:
+        # inet_pton, unlike inet_aton, takes nothing but a dotted quad.
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text.decode("ascii")), "big")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _parse_state(raw: bytes, path: str) -> dict:
@@ -634,8 +868,8 @@ def _parse_state(raw: bytes, path: str) -> dict:
                              if isinstance(state, dict) else "not a JSON object")
         IPv4Network(state["subnet"])
         IPv4Address(state["gateway"])
-        if not isinstance(state["allocations"], dict):
-            raise ValueError("allocations is not an object")
+        if not isinstance(state["network"], str):
+            raise ValueError("network is not a string")
     except (ValueError, KeyError, TypeError) as exc:
         raise NslabError(errno.EBADMSG, f"IPAM state {path} is corrupt ({exc}): remove it only if "
                          "no nslab network uses it", obj=path) from None
@@ -646,6 +880,31 @@ def _check_owner(owner: object) -> str:
     if not isinstance(owner, str) or not owner or len(owner) > 256:
         raise InputError("owner", "expected a non-empty string of at most 256 characters", owner)
     return owner
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _replace_file(path: str, data: bytes, what: str) -> int:
+    """Put ``data`` at ``path`` all at once for readers (a temporary file renamed over it) and
+    return the new file's descriptor, open for appending."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = -1
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        _write_all(fd, data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if fd >= 0:
+            os.close(fd)
+        _unlink(tmp)
+        if isinstance(exc, OSError):
+            raise from_errno(exc.errno, "write", f"IPAM {what} {path}") from None
+        raise
+    return fd
 
 
 def _unlink(path: str) -> bool:

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from _controller import Run, SharedHost, diff_state
+from nslab.ipam import Ipam
 
 pytestmark = pytest.mark.root
 
@@ -63,9 +64,9 @@ def rounds(tmp_path, count: int) -> dict:
             subnets = [a[1] for a in state["addresses"] if a[0].startswith("br-")]
             assert len(set(subnets)) == PROCESSES, f"two networks got one subnet: {subnets}"
             held = {}
-            for name in shared.ipam_files():
-                with open(os.path.join(shared.state_dir, "ipam", name)) as f:
-                    held.update(json.load(f)["allocations"])
+            for network, subnet in Ipam.held_subnets(shared.state_dir).items():
+                with Ipam(shared.state_dir, network, subnet) as ipam:
+                    held.update({str(a): o for a, o in ipam.allocations().items()})
             assert set(held) == {m["ip"] for m in made}
             for run in runs:
                 run.proc.stdin.write(b"close\n")
