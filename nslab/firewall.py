@@ -47,7 +47,9 @@ failed: port is already allocated``, and says who holds it.
 Atomicity: each ``add_network``/``publish``/``unpublish`` is one nfnetlink batch: all rules
 or none. Ports are bound before the batch and released if it fails; proxies start after it
 and the rules are removed again if a proxy cannot start. Input errors are raised before
-anything changes in the kernel.
+anything changes in the kernel. Once a UDP mapping's rules are gone, its conntrack entries
+go too (``nslab._conntrack``, as Docker does): an entry DNATed earlier would otherwise keep
+sending a client's datagrams to the old container.
 
 Crash safety: the table is created with the ``owner`` flag (``NFT_TABLE_F_OWNER``, Linux
 5.12+): it belongs to this Firewall's netlink socket and **vanishes when that socket
@@ -72,6 +74,7 @@ from typing import Iterable
 
 from . import _nft
 from ._netlink import NETLINK_NETFILTER, socket_in
+from ._conntrack import Conntrack
 from ._nft import ACCEPT, DROP, MASQUERADE, Batch, Dnat, Jump, Netfilter, Rule, Vmap
 from .errors import (InputError, NslabError, NslabFileExistsError, PortAllocatedError,
                      from_errno)
@@ -358,7 +361,8 @@ class Firewall:
             return list(pub.mappings)
 
     def unpublish(self, key: str) -> None:
-        """Remove exactly ``key``'s rules, proxies and held ports. Idempotent."""
+        """Remove exactly ``key``'s rules, proxies and held ports, and the conntrack entries
+        of its UDP ports (as Docker does). Idempotent."""
         with self._lock:
             pub = self._pubs.pop(key, None)
             if pub is None:
@@ -540,6 +544,10 @@ class Firewall:
                             if exc2.errno != errno.ENOENT:
                                 error = exc2
         pub.rules.clear()
+        try:
+            self._flush_udp_conntrack(pub)
+        except OSError as exc:                # NslabError included: finish the teardown first
+            error = error or exc
         if was_nat_user:
             net.nat_keys.discard(pub.key)
             if not net.nat_keys and not net.hairpin:
@@ -560,6 +568,28 @@ class Firewall:
         pub.sockets.clear()
         if error is not None:
             raise error
+
+    def _flush_udp_conntrack(self, pub: Publication) -> None:
+        """Delete the conntrack entries of ``pub``'s UDP ports, as Docker does when port
+        bindings go (moby clearConntrackEntries -> DeleteConntrackEntriesByPort): with the
+        rules gone, an entry DNATed earlier would still steer a client that keeps sending
+        to the old container (nslab._conntrack says why). Only entries whose original
+        destination is the mapping's host port (and host IP, when bound to one): nothing of
+        another mapping or protocol. Called once the rules are gone, so the client's next
+        datagram makes a fresh entry under the rules of the moment."""
+        udp = [m for m in pub.mappings if m.proto == "udp" and m.host_port]
+        if not udp or self._nf is None:
+            return
+        try:
+            sock = socket_in(self._ns, proto=NETLINK_NETFILTER)
+        except OSError as exc:
+            raise from_errno(exc.errno or errno.EIO, "socket(AF_NETLINK, NETLINK_NETFILTER)",
+                             f"netns {self.ns_description}") from None
+        with Conntrack(sock, f"netns {self.ns_description}") as ct:
+            for m in udp:
+                dst = None if m.bind_ip == "0.0.0.0" else m.bind_ip
+                ct.delete(ct.entries(proto="udp", dport=m.host_port, dst=dst))
+                checkpoint("firewall.conntrack_flushed")
 
     # --- sysctls for the nat backend (host netns only) ------------------------------------
     def _read_sysctl(self, path: str) -> str:

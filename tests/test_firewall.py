@@ -13,12 +13,15 @@ traffic is detected with short timeouts. The ruleset is read back with the real 
 ``tests/golden/*.json``; regenerate those with ``NSLAB_UPDATE_GOLDEN=1 pytest -k golden``.
 """
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -27,11 +30,12 @@ import time
 import pytest
 
 from nslab import _nft
-from nslab._netlink import Rtnl, socket_in
+from nslab._conntrack import Conntrack, Entry
+from nslab._netlink import NETLINK_NETFILTER, Rtnl, socket_in
 from nslab.errors import InputError, PortAllocatedError
 from nslab.firewall import Firewall, find_port_holder
 from nslab.namespaces import Namespace
-from nslab.proxy import UserlandProxy
+from nslab.proxy import UPSTREAM_CONGESTION, UserlandProxy
 from nslab.publish import PortMapping
 
 pytestmark = pytest.mark.root
@@ -160,16 +164,41 @@ def count_server(ns, port):
     return s
 
 
-def udp_server(ns, port):
-    """Answers each datagram with the sender address it sees."""
+def echo_server(ns, port):
+    """Echoes every byte back; after the client's EOF, ends its own side too."""
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(8)
+
+    def serve(c):
+        with c:
+            buf = bytearray(1 << 16)
+            while n := c.recv_into(buf):
+                c.sendall(buf[:n])
+
+    def loop():
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=loop, daemon=True).start()
+    return s
+
+
+def udp_server(ns, port, name=None):
+    """Answers each datagram with the sender address it sees (and its own name, if given)."""
     s = socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM, 0)
     s.bind(("0.0.0.0", port))
+    prefix = f"{name} " if name else ""
 
     def loop():
         while True:
             try:
                 data, peer = s.recvfrom(2048)
-                s.sendto(f"{peer[0]} {data.decode()}".encode(), peer)
+                s.sendto(f"{prefix}{peer[0]} {data.decode()}".encode(), peer)
             except OSError:
                 return
     threading.Thread(target=loop, daemon=True).start()
@@ -207,10 +236,15 @@ def blocked(ns, addr, port):
     return False
 
 
-def nft(ns, *args):
+def run_in(ns, *argv):
+    """A tool's output, run inside ``ns`` (nsenter on our own fd: nothing mounted)."""
     fd = ns.fileno()
-    return subprocess.run(["nsenter", f"--net=/proc/self/fd/{fd}", "nft", *args], pass_fds=[fd],
+    return subprocess.run(["nsenter", f"--net=/proc/self/fd/{fd}", *argv], pass_fds=[fd],
                           capture_output=True, text=True, check=True).stdout
+
+
+def nft(ns, *args):
+    return run_in(ns, "nft", *args)
 
 
 def ruleset(ns):
@@ -259,6 +293,7 @@ def box():
         sandbox.servers.append(tcp_server(sandbox.kids[kid], 80))
     sandbox.servers.append(udp_server(sandbox.kids["c1"], 53))
     sandbox.servers.append(count_server(sandbox.kids["c1"], 81))
+    sandbox.servers.append(echo_server(sandbox.kids["c1"], 82))
     sandbox.servers.append(tcp_server(sandbox.outside, 9000))
     yield sandbox
     sandbox.close()
@@ -545,6 +580,27 @@ def test_sigkill_of_the_controller_leaves_nothing(box):
     assert port_free(box.host, "tcp", 8080) and port_free(box.host, "udp", 5353)
 
 
+# --- the userland proxy ------------------------------------------------------------------------------
+def proxied(box, port):
+    """A proxy-only firewall publishing c1's ``port`` as 8081: (its ExitStack, the proxy)."""
+    stack = contextlib.ExitStack()
+    fw = stack.enter_context(firewall(box, "proxy", networks=("nslab0",)))
+    fw.publish("c1", "nslab0", C1, f"8081:{port}")
+    [proxy] = fw.publication("c1").proxies
+    # Settled: the proxy closes its stdout just after its OK line.
+    deadline = time.monotonic() + 3
+    while os.path.exists(f"/proc/{proxy.pid}/fd/1") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stack, proxy
+
+
+def connect_outside(box, timeout=10):
+    s = socket_in(box.outside, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.settimeout(timeout)
+    s.connect((HOST_UPLINK, 8081))
+    return s
+
+
 def test_userland_proxy_alone_holds_no_port_after_close(box):
     """A UserlandProxy serves its socket; once closed the process is gone and the port free."""
     sock = socket_in(box.host, socket.AF_INET, socket.SOCK_STREAM, 0)
@@ -566,15 +622,90 @@ def test_userland_proxy_alone_holds_no_port_after_close(box):
 def test_proxy_moves_bulk_data_and_keeps_half_close(box):
     """8 MB through the splice proxy arrive whole, and the client's shutdown(SHUT_WR) reaches
     the server as EOF while the answer still comes back."""
-    with firewall(box, "proxy") as fw:
-        fw.publish("c1", "nslab0", C1, "8081:81")
-        s = socket_in(box.outside, socket.AF_INET, socket.SOCK_STREAM, 0)
-        with s:
-            s.settimeout(10)
-            s.connect((HOST_UPLINK, 8081))
-            s.sendall(os.urandom(1 << 16) * 128)
+    stack, _ = proxied(box, 81)
+    with stack, connect_outside(box) as s:
+        s.sendall(os.urandom(1 << 16) * 128)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == str(8 << 20).encode()
+
+
+def test_proxy_relays_both_directions_at_once(box):
+    """8 MB sent while their echo streams back come back byte for byte (neither direction
+    starves the other), and each side's EOF reaches the other."""
+    data = os.urandom(1 << 20) * 8
+    stack, _ = proxied(box, 82)
+    with stack, connect_outside(box) as s:
+        def send():
+            s.sendall(data)
             s.shutdown(socket.SHUT_WR)
-            assert s.recv(100) == str(8 << 20).encode()
+        sender = threading.Thread(target=send)
+        sender.start()
+        got, digest = 0, hashlib.sha256()
+        while chunk := s.recv(1 << 16):
+            got += len(chunk)
+            digest.update(chunk)
+        sender.join(10)
+    assert got == len(data) and digest.digest() == hashlib.sha256(data).digest()
+
+
+def reset(sock):
+    """Close with SO_LINGER 0: the peer gets a RST, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def proxy_fds(proxy):
+    return len(os.listdir(f"/proc/{proxy.pid}/fd"))
+
+
+def wait_for_fds(proxy, count, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while proxy_fds(proxy) != count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proxy_fds(proxy)
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_proxy_reset_on_one_side_ends_both(box, who):
+    """A reset on either side of the proxy ends the other side's connection too (it sees
+    the end at once, though it still holds its socket open), and the proxy lets go of the
+    connection: not a half-close that would wait on the silent peer forever."""
+    srv = socket_in(box.kids["c1"], socket.AF_INET, socket.SOCK_STREAM, 0)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", 83))
+    srv.listen(1)
+    srv.settimeout(10)
+    stack, proxy = proxied(box, 83)
+    with srv, stack:
+        idle = proxy_fds(proxy)
+        with connect_outside(box, timeout=5) as client:
+            conn, _ = srv.accept()
+            with conn:
+                conn.settimeout(5)
+                client.sendall(b"hello")
+                assert conn.recv(5) == b"hello"              # the relay is up
+                survivor = conn if who == "client" else client
+                reset(client if who == "client" else conn)
+                try:
+                    ended = survivor.recv(1) == b""
+                except ConnectionResetError:
+                    ended = True
+                assert ended                                  # not a TimeoutError
+                assert wait_for_fds(proxy, idle) == idle      # while the survivor is still open
+
+
+def test_proxy_releases_its_fds_after_each_connection(box):
+    """Once a connection ends, the proxy holds no fd for it: neither socket nor pipe."""
+    stack, proxy = proxied(box, 82)
+    with stack:
+        idle = proxy_fds(proxy)
+        for _ in range(3):
+            with connect_outside(box) as s:
+                s.sendall(b"ping")
+                assert s.recv(4) == b"ping"
+                s.shutdown(socket.SHUT_WR)
+                assert s.recv(1) == b""
+        assert wait_for_fds(proxy, idle) == idle
 
 
 def test_udp_proxy_expires_idle_flows(box):
@@ -611,6 +742,111 @@ def test_proxy_fallback_without_the_process_module(box, monkeypatch):
             assert os.stat(f"/proc/{proxy.pid}/ns/net").st_ino == box.host.inode
             pid = proxy.pid
         assert not alive(pid)
+
+
+def congestion_controls(ns):
+    """{(local, peer): congestion control} of the established TCP sockets in ``ns`` (ss -ti
+    prints each socket's algorithm first on its info line)."""
+    lines = run_in(ns, "ss", "-tinH", "state", "established").splitlines()
+    return {tuple(head.split()[-2:]): info.split()[0]
+            for head, info in zip(lines[::2], lines[1::2])}
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_proxy_leg_to_the_container_is_not_paced(box):
+    """The proxy's own connection to the container runs a congestion control that does not
+    pace (cubic, else reno) whatever the host's default is; the client's keeps the default."""
+    default = read_sysctl(box.host, "net/ipv4/tcp_congestion_control")
+    stack, _ = proxied(box, 82)
+    with stack, connect_outside(box) as s:
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        ccs = congestion_controls(box.host)
+    [upstream] = [cc for (_, peer), cc in ccs.items() if peer == f"{C1}:82"]
+    [client_leg] = [cc for (local, _), cc in ccs.items() if local == f"{HOST_UPLINK}:8081"]
+    assert upstream in UPSTREAM_CONGESTION
+    assert client_leg == default
+
+
+# --- UDP conntrack entries ---------------------------------------------------------------------------
+def ct_entries(ns, **filters):
+    """The conntrack entries of ``ns`` (original tuple matching ``filters``), over ctnetlink."""
+    with Conntrack(socket_in(ns, proto=NETLINK_NETFILTER), "test") as ct:
+        return ct.entries(**filters)
+
+
+def test_conntrack_session_checks_filters_and_ignores_gone_entries(box):
+    """Bad filters are InputErrors; deleting an entry that is not there (any more) is not an
+    error and counts nothing; close() is idempotent."""
+    with Conntrack(socket_in(box.host, proto=NETLINK_NETFILTER), "test") as ct:
+        for bad in ({"proto": "sctp"}, {"proto": "udp", "dport": 0}, {"dport": 53},
+                    {"proto": "udp", "dst": "::1"}):
+            with pytest.raises(InputError):
+                ct.entries(**bad)
+        ghost = Entry(socket.IPPROTO_UDP, "192.0.2.1", "192.0.2.2", 1, 2, "192.0.2.2",
+                      "192.0.2.1", 2, 1, id=1)
+        assert ct.delete([ghost]) == 0 and ct.delete([]) == 0
+    assert ct.closed and "closed" in repr(ct)
+    ct.close()
+
+
+def test_unpublish_deletes_only_its_udp_conntrack_entries(box):
+    """Unpublishing UDP mappings deletes the conntrack entries whose original destination is
+    their host port (and host IP, when bound), as Docker does; another port, the same port
+    on another host IP, and TCP to the same port number keep theirs."""
+    with firewall(box) as fw:
+        fw.publish("c1", "nslab0", C1, ["5353:53/udp", f"{HOST_UPLINK}:5356:53/udp"])
+        fw.publish("other", "nslab0", C1, ["5354:53/udp", "127.0.0.1:5356:53/udp", "5353:80"])
+        for port in (5353, 5356, 5354):
+            assert ask_udp(box.outside, HOST_UPLINK, port).split()[0] == OUTSIDE
+        assert ask_udp(box.host, "127.0.0.1", 5356).split()[0] == GW0
+        assert ask(box.outside, HOST_UPLINK, 5353) == OUTSIDE             # TCP, same number
+        udp = lambda port, dst=None: [e for e in ct_entries(box.host, proto="udp", dport=port, dst=dst)  # noqa: E731
+                                      if e.src in (OUTSIDE, "127.0.0.1")]
+        [dnated] = udp(5353)
+        assert (dnated.src, dnated.dst, dnated.reply_src) == (OUTSIDE, HOST_UPLINK, C1)
+        assert udp(5356, HOST_UPLINK) and udp(5356, "127.0.0.1") and udp(5354)
+        tcp_before = ct_entries(box.host, proto="tcp", dport=5353)
+        assert tcp_before
+
+        fw.unpublish("c1")
+        assert udp(5353) == [] and udp(5356, HOST_UPLINK) == []
+        assert udp(5356, "127.0.0.1") and udp(5354)                         # not c1's
+        assert ct_entries(box.host, proto="tcp", dport=5353) == tcp_before  # not UDP
+
+
+def test_a_udp_client_follows_a_republished_port(box, monkeypatch):
+    """Why the flush matters: a client that keeps its UDP socket reaches the container the
+    port is published for *now*. The control, with the flush switched off: its datagrams
+    keep going to the old container, by the stale DNAT entry."""
+    c2 = udp_server(box.kids["c2"], 53, name="c2")
+    client = socket_in(box.outside, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    client.settimeout(1)
+    client.connect((HOST_UPLINK, 5353))                                  # one source port
+
+    def who_answers():
+        for _ in range(3):
+            client.send(b"ping")
+            try:
+                return "c2" if client.recv(100).startswith(b"c2 ") else "c1"
+            except TimeoutError:
+                continue
+        raise TimeoutError("no UDP answer on 5353")
+
+    try:
+        with firewall(box) as fw:
+            fw.publish("web", "nslab0", C1, "5353:53/udp")
+            assert who_answers() == "c1"
+            fw.unpublish("web")
+            fw.publish("web", "nslab0", C2, "5353:53/udp")
+            assert who_answers() == "c2"
+            monkeypatch.setattr(fw, "_flush_udp_conntrack", lambda pub: None)
+            fw.unpublish("web")
+            fw.publish("web", "nslab0", C1, "5353:53/udp")
+            assert who_answers() == "c2"                                 # stale: still c2
+    finally:
+        client.close()
+        c2.close()
 
 
 def test_a_second_firewall_on_the_same_table_is_refused(box):
