@@ -172,10 +172,35 @@ def measure(mode, client_ns, server_ns, address, port, duration, pin="auto"):
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def run(rounds: int, duration: float, pin="auto") -> dict:
+def set_congestion(box: Sandbox, name: str | None) -> str:
+    """Give every namespace of the run TCP congestion control ``name`` (None: keep what a new
+    netns inherits, the host's default); return the one in force. Every throughput here
+    depends on it: with BBR and no fq qdisc on a veth or bridge, TCP paces itself with a timer
+    per burst, which caps one flow below what the path carries, for DNAT and direct alike."""
+    def write(value):
+        with open("/proc/sys/net/ipv4/tcp_congestion_control", "w") as f:
+            f.write(value)
+
+    def read():
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            return f.read().strip()
+    if name is not None:
+        for ns in (box.host, box.outside, box.c1):
+            try:
+                ns.call(write, name)
+            except PermissionError:
+                # Outside the initial netns only the algorithms of the host's
+                # tcp_allowed_congestion_control may be the default (reno always is): reno is
+                # loss-based and unpaced like cubic, which is what matters here.
+                ns.call(write, "reno")
+    return box.outside.call(read)
+
+
+def run(rounds: int, duration: float, pin="auto", congestion: str | None = "cubic") -> dict:
     box = Sandbox()
     fw = Firewall(box.host)
     try:
+        cc = set_congestion(box, congestion)
         fw.add_network("nslab0", "172.17.0.0/16")
         fw.publish("c1", "nslab0", C1, f"8080:{SERVER_PORT}", via="docker")
         fw.publish("c1-proxy", "nslab0", C1, f"8081:{SERVER_PORT}", via="proxy")
@@ -227,6 +252,7 @@ def run(rounds: int, duration: float, pin="auto") -> dict:
                                                if pin else "no CPU pinning"))
                        if _probe is not None else "python sockets",
             "kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "congestion_control": cc, "congestion_is_hosts": congestion is None,
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -234,6 +260,8 @@ def markdown(res: dict) -> str:
     lines = [SECTION, "",
              f"`sudo python3 benchmarks/bench_publish.py` — {res['date']}, kernel {res['kernel']}, "
              f"{res['cpus']} CPUs, Python {res['python']}, harness: {res['harness']}, "
+             f"TCP congestion control {res['congestion_control']} in every namespace "
+             f"({'this machine’s default' if res['congestion_is_hosts'] else 'set by the benchmark' + (': Debian’s and Ubuntu’s default' if res['congestion_control'] == 'cubic' else ', loss-based and unpaced like Debian’s and Ubuntu’s default cubic, which this host allows no namespace but its own to pick')}), "
              f"{res['rounds']} interleaved rounds of {res['duration_s']} s per path and test "
              "(medians; throughput range in brackets).", "",
              "| path | TCP stream Gbit/s | RR p50 µs | RR p99 µs | server sees |",
@@ -253,9 +281,10 @@ def markdown(res: dict) -> str:
         lines += ["Reading it: DNAT rewrites packets of one TCP connection; the proxy terminates "
                   "TCP twice (client->proxy, proxy->container), so even with splice (no copy "
                   "into Python) it spends more kernel CPU per byte, and on 2 CPUs its third busy "
-                  "thread competes with client and server. Its request/response cost is two "
-                  "extra thread wake-ups per round trip. The paired ratios swing by +-0.2 "
-                  "between rounds on this shared machine: compare medians, and rerun.", ""]
+                  "thread competes with client and server. Its request/response cost is two extra "
+                  "thread wake-ups per round trip. The paired "
+                  "ratios swing by +-0.2 between rounds on this shared machine: compare medians, "
+                  "and rerun.", ""]
     return "\n".join(lines)
 
 
@@ -268,19 +297,47 @@ def main() -> int:
     ap.add_argument("--also-pinned", action="store_true",
                     help="also run with client and server pinned to different CPUs (the proxy "
                          "is never pinned, so on 2 CPUs it shares one with a pinned busy thread)")
+    ap.add_argument("--congestion", default="cubic",
+                    help="TCP congestion control in every namespace of the run (default cubic, "
+                         "Debian's and Ubuntu's default, else reno where a namespace may not pick "
+                         "cubic; 'host': keep this machine's)")
+    ap.add_argument("--also-host-congestion", action="store_true",
+                    help="also run pinned with this machine's default congestion control")
     ap.add_argument("--write-results", action="store_true",
                     help=f"update the '{SECTION}' section of {RESULTS}")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces and nftables): run with sudo", file=sys.stderr)
         return 2
-    res = run(args.rounds, args.duration, None)
+    congestion = None if args.congestion == "host" else args.congestion
+    res = run(args.rounds, args.duration, None, congestion)
     text = markdown(res)
     results = [res]
+    more = []
     if args.also_pinned:
-        pinned = run(args.rounds, args.duration, "auto")
-        results.append(pinned)
-        text += "\n" + "\n".join(markdown(pinned).splitlines()[2:]) + "\n"
+        more.append(("auto", congestion))
+    if args.also_host_congestion:
+        more.append(("auto", None))
+    for pin, cc in more:
+        again = run(args.rounds, args.duration, pin, cc)
+        results.append(again)
+        text += "\n" + "\n".join(markdown(again).splitlines()[2:]) + "\n"
+    def worst(r):
+        return min(r["ratios"]["host: proxy / DNAT throughput"]["median"],
+                   r["ratios"]["outside: proxy / DNAT throughput"]["median"])
+    summary = "; ".join(f"{r['congestion_control']}, {'pinned' if r['pin'] else 'unpinned'}: "
+                        f"{worst(r):.2f}" for r in results)
+    paced = [r for r in results if r["congestion_control"] == "bbr"]
+    if paced:
+        summary += (". With BBR every flow here is held back by its pacing (no fq qdisc on a veth "
+                    "or bridge, so TCP paces itself with a timer per burst: host direct "
+                    f"{paced[0]['paths']['host direct']['gbit_per_s']:.1f} Gbit/s, against "
+                    f"{results[0]['paths']['host direct']['gbit_per_s']:.1f} with "
+                    f"{results[0]['congestion_control']}), and the proxy carries two paced "
+                    "connections to DNAT's one. nslab's proxy keeps the namespace's default on "
+                    "both, as docker-proxy does")
+    text = text.replace(SECTION + "\n", f"{SECTION}\n\nWorst median proxy/DNAT throughput ratio per "
+                        f"run (target >= 0.8): {summary}.\n", 1)
     print(json.dumps(results, indent=1) if args.json else text)
     if args.write_results:
         write_section(text)
