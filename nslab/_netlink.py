@@ -22,15 +22,14 @@ from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from .errors import NslabError, from_errno, from_netlink
 from .namespaces import Namespace
 
 __all__ = ["NETLINK_ROUTE", "NETLINK_NETFILTER", "NETLINK_SOCK_DIAG", "socket_in", "Rtnl", "GONE",
-           "Request", "rtnl_socket_here", "link_up", "address_add", "default_route_add", "send_batch"]
+           "Request", "rtnl_socket_here", "link_up", "address_add", "default_route_add", "encode_batch",
+           "send_batch"]
 
 NETLINK_ROUTE = 0
 NETLINK_SOCK_DIAG = 4
@@ -246,13 +245,6 @@ class Request:
     """One encoded rtnetlink request and what it does, for the error message."""
     data: bytes
     what: str
-
-
-def _encode(msg, msg_type: int, flags: int, what: str) -> Request:
-    msg["header"]["type"] = msg_type
-    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
-    msg.encode()
-    return Request(bytes(msg.data), what)
 
 
 def _request(msg_type: int, flags: int, body: bytes, what: str) -> Request:

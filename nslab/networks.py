@@ -27,7 +27,7 @@ import ipaddress
 import re
 import secrets
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import ipam as _ipam
 from ._names import check_name
@@ -37,6 +37,9 @@ from .errors import InputError, NslabError
 from .hosts import Host, write_sysctl
 from .namespaces import Namespace
 from ._faults import checkpoint
+
+if TYPE_CHECKING:
+    from .process import Child
 
 __all__ = ["BridgeNetwork", "Endpoint", "check_network_name", "DEFAULT_BRIDGE", "CONTAINER_MTU",
            "CONTAINER_SYSCTLS", "container_setup", "eth0_setup", "wire_none"]

@@ -58,12 +58,15 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from . import _native
 from .errors import (InputError, NslabError, NslabTimeoutError, SpawnError, from_errno,
                      privilege_hint)
 from .namespaces import KINDS, Namespace, NamespaceKind, kind_of
+
+if TYPE_CHECKING:                 # not at run time: `import nslab.process` stays free of pyroute2
+    from .child_setup import ChildSetup
 
 __all__ = ["Child", "UserMap", "call_in_child", "PIPE", "DEVNULL", "STDOUT",
            "SpawnPermissionError", "SpawnFileNotFoundError", "RemoteTraceback",
