@@ -123,12 +123,13 @@ class Sandbox:
             ns.close()
 
 
-def tcp_server(ns, port):
-    """Answers each connection with the peer address it sees, then echoes."""
+def _listen(ns, port, handle, backlog=8):
+    """A TCP server in ``ns``: each accepted connection goes to ``handle(conn, peer)`` on a
+    thread of its own; closing the returned socket stops it."""
     s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port))
-    s.listen(64)
+    s.listen(backlog)
 
     def loop():
         while True:
@@ -136,56 +137,39 @@ def tcp_server(ns, port):
                 c, peer = s.accept()
             except OSError:
                 return
-            with c:
-                c.sendall(f"{peer[0]}\n".encode())
+            threading.Thread(target=handle, args=(c, peer), daemon=True).start()
     threading.Thread(target=loop, daemon=True).start()
     return s
+
+
+def tcp_server(ns, port):
+    """Answers each connection with the peer address it sees."""
+    def handle(c, peer):
+        with c:
+            c.sendall(f"{peer[0]}\n".encode())
+    return _listen(ns, port, handle, backlog=64)
 
 
 def count_server(ns, port):
     """Reads to EOF, then answers with the number of bytes it got (tests half-close)."""
-    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(8)
-
-    def loop():
-        while True:
-            try:
-                c, _ = s.accept()
-            except OSError:
-                return
-            with c:
-                total, buf = 0, bytearray(1 << 16)
-                while n := c.recv_into(buf):
-                    total += n
-                c.sendall(str(total).encode())
-    threading.Thread(target=loop, daemon=True).start()
-    return s
+    def handle(c, _):
+        with c:
+            total, buf = 0, bytearray(1 << 16)
+            while n := c.recv_into(buf):
+                total += n
+            c.sendall(str(total).encode())
+    return _listen(ns, port, handle)
 
 
 def echo_server(ns, port):
     """Echoes every byte back; after the client's EOF, ends its own side too."""
-    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(8)
-
-    def serve(c):
+    def handle(c, _):
         with c:
             buf = bytearray(1 << 16)
             while n := c.recv_into(buf):
                 c.sendall(buf[:n])
+    return _listen(ns, port, handle)
 
-    def loop():
-        while True:
-            try:
-                c, _ = s.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
-    threading.Thread(target=loop, daemon=True).start()
-    return s
 
 
 def udp_server(ns, port, name=None):
