@@ -88,13 +88,14 @@ def test_bridge_child_is_wired_like_docker(lab):
 @pytest.mark.parametrize("new", [(), ("user",)], ids=["by the child", "from the parent"])
 def test_bridge_child_is_wired_before_its_program_runs(lab, new):
     """The child's first act sees its network complete: eth0 addressed, up, routed, IPv6 off,
-    Docker's sysctls. Both ways of configuring it: by the parked child itself (C), and — for a
+    announced (arp_notify), Docker's sysctls. Both ways of configuring it: by the parked child itself (C), and — for a
     child in its own user namespace — by a thread of ours inside its netns."""
     probe = ("import json, subprocess\n"
              "print(json.dumps({'addr': subprocess.run(['ip', '-j', 'addr', 'show', 'eth0'], "
              "capture_output=True, text=True).stdout, 'route': subprocess.run(['ip', '-j', 'route'], "
              "capture_output=True, text=True).stdout, 'v6': open('/proc/sys/net/ipv6/conf/eth0/disable_ipv6').read(), "
-             "'port': open('/proc/sys/net/ipv4/ip_unprivileged_port_start').read()}))")
+             "'port': open('/proc/sys/net/ipv4/ip_unprivileged_port_start').read(), "
+             "'arp_notify': open('/proc/sys/net/ipv4/conf/eth0/arp_notify').read()}))")
     c = lab.spawn([sys.executable, "-c", probe], new=new, stdout=subprocess.PIPE)
     seen = json.loads(c.child.stdout.read())
     assert c.wait() == 0
@@ -104,6 +105,7 @@ def test_bridge_child_is_wired_before_its_program_runs(lab, new):
     routes = json.loads(seen["route"])
     assert {"dst": "default", "gateway": "172.17.0.1", "dev": "eth0"}.items() <= routes[0].items()
     assert seen["v6"].strip() == "1" and seen["port"].strip() == "0"
+    assert seen["arp_notify"].strip() == "1"      # the kernel's gratuitous ARP when eth0 comes up
 
 
 @pytest.mark.root
