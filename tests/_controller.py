@@ -378,6 +378,21 @@ class Run:
                 time.sleep(0.02)
 
 
+def answers(ns, port: int, timeout: float = 1.0) -> bool:
+    """Does something in netns ``ns`` accept a TCP connection on 127.0.0.1:``port``?"""
+    import socket
+    from nslab._netlink import socket_in
+    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
+    s.settimeout(timeout)
+    try:
+        s.connect(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def netns_state(ns) -> dict:
     """What a network namespace holds, stably comparable: links (name, kind, alias, master),
     addresses, routes, nft tables, listening/bound sockets and its net sysctls."""

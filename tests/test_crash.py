@@ -18,14 +18,12 @@ import concurrent.futures
 import os
 import random
 import signal
-import socket
 import time
 
 import pytest
 
-from _controller import Run, SharedHost, diff_state, nsfs_mounts, pinned_by_mounts
+from _controller import Run, SharedHost, answers, diff_state, nsfs_mounts, pinned_by_mounts
 from nslab import gc
-from nslab._netlink import socket_in
 from nslab.hosts import scratch_root
 
 pytestmark = pytest.mark.root
@@ -100,7 +98,7 @@ def crash_and_collect(tmp, point: str | None, extra: tuple, shared: SharedHost |
             problems.append(f"{point}: the lab's namespaces are still pinned: {pins}")
         if shared is not None:
             for port in ports:
-                if _answers(shared.ns, port):
+                if answers(shared.ns, port, timeout=0.5):
                     problems.append(f"{point}: published port {port} still answers")
             changed = diff_state(baseline, shared.state())
             if changed:
@@ -111,18 +109,6 @@ def crash_and_collect(tmp, point: str | None, extra: tuple, shared: SharedHost |
     finally:
         run.close()
     return problems
-
-
-def _answers(ns, port: int) -> bool:
-    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
-    s.settimeout(0.5)
-    try:
-        s.connect(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def run_points(tmp_path, points, extra, shared_factory=None) -> list[str]:
@@ -210,12 +196,12 @@ def test_gc_detects_a_leak_control(tmp_path):
         shared.close()
 
 
-@pytest.mark.parametrize("host", ["sandbox", "existing"])
-def test_random_time_kill_during_bursts(tmp_path, host):
-    """SIGKILL at a random moment of a create/publish/destroy burst: children gone within 2 s, no port answers, 0 residue."""
-    rng = random.Random(7 if host == "sandbox" else 11)
+def random_time_kills(tmp_path, host: str, count: int, seed: int, window: tuple[float, float]) -> list[str]:
+    """SIGKILL ``count`` burst controllers, each at a random moment within ``window`` seconds;
+    every problem any of them left."""
+    rng = random.Random(seed)
     problems = []
-    for i in range(3):
+    for i in range(count):
         tmp = str(tmp_path / f"k{i}")
         os.makedirs(tmp)
         shared = _shared(tmp) if host == "existing" else None
@@ -223,10 +209,17 @@ def test_random_time_kill_during_bursts(tmp_path, host):
         if shared:
             extra += ("--netns", shared.path, "--state", shared.state_dir)
         try:
-            problems += crash_and_collect(tmp, None, extra, shared, kill_after=rng.uniform(0.6, 2.5))
+            problems += crash_and_collect(tmp, None, extra, shared, kill_after=rng.uniform(*window))
         finally:
             if shared:
                 shared.close()
+    return problems
+
+
+@pytest.mark.parametrize("host", ["sandbox", "existing"])
+def test_random_time_kill_during_bursts(tmp_path, host):
+    """SIGKILL at a random moment of a create/publish/destroy burst: children gone within 2 s, no port answers, 0 residue."""
+    problems = random_time_kills(tmp_path, host, 3, 7 if host == "sandbox" else 11, (0.6, 2.5))
     assert not problems, "\n".join(problems)
 
 
@@ -251,18 +244,5 @@ def test_crash_at_every_occurrence_existing_host(tmp_path, existing_checkpoints)
 @pytest.mark.parametrize("host", ["sandbox", "existing"])
 def test_random_time_kills_full_count(tmp_path, host):
     """Slow tier: 40 random-time kills per host kind during bursts, 0 residue each time."""
-    rng = random.Random(1234)
-    problems = []
-    for i in range(40):
-        tmp = str(tmp_path / f"k{i}")
-        os.makedirs(tmp)
-        shared = _shared(tmp) if host == "existing" else None
-        extra = ("burst", "--seed", str(i), "--host", host, "--network", "burstnet")
-        if shared:
-            extra += ("--netns", shared.path, "--state", shared.state_dir)
-        try:
-            problems += crash_and_collect(tmp, None, extra, shared, kill_after=rng.uniform(0.3, 3.0))
-        finally:
-            if shared:
-                shared.close()
+    problems = random_time_kills(tmp_path, host, 40, 1234, (0.3, 3.0))
     assert not problems, "\n".join(problems)

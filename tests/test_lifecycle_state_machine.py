@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from _controller import netns_state
+from _controller import answers, netns_state
 from nslab import Lab
 from nslab._netlink import Rtnl, socket_in
 from nslab.hosts import scratch_root
@@ -51,18 +51,6 @@ def _comm(pid: int) -> tuple[str, str] | None:
         return None
     comm = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode()
     return comm, stat.rsplit(b")", 1)[1].split()[0].decode()
-
-
-def _answers(ns, port: int) -> bool:
-    s = socket_in(ns, socket.AF_INET, socket.SOCK_STREAM, 0)
-    s.settimeout(1.0)
-    try:
-        s.connect(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 class LabMachine(RuleBasedStateMachine):
@@ -212,10 +200,10 @@ class LabMachine(RuleBasedStateMachine):
             assert {str(a) for a in net.ipam.allocations()} == want
         open_ports = {m["port"] for m in self.model.values() if m["port"] and m["state"] != "closed"}
         for port in open_ports:
-            assert _answers(self.host, port), f"published port {port} does not answer"
+            assert answers(self.host, port), f"published port {port} does not answer"
         for _, port in self.closed:
             if port and port not in open_ports:
-                assert not _answers(self.host, port), f"port {port} of a closed container answers"
+                assert not answers(self.host, port), f"port {port} of a closed container answers"
 
     def teardown(self):
         self.stats["labs"] += 1
