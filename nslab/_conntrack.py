@@ -32,7 +32,6 @@ import errno
 import ipaddress
 import socket
 import struct
-import threading
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
@@ -40,6 +39,7 @@ from pyroute2.netlink.nfnetlink.nfctsocket import (
     IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_GET, NFCTAttrTuple, nfct_msg,
 )
 
+from ._netlink import NetlinkSession
 from .errors import InputError, NslabError, from_errno
 
 __all__ = ["Conntrack", "Entry", "PROTOCOLS"]
@@ -75,17 +75,16 @@ class Entry:
                 f"(reply {self.reply_src}:{self.reply_sport} -> {self.reply_dst}:{self.reply_dport})")
 
 
-class Conntrack:
+class Conntrack(NetlinkSession):
     """A ctnetlink session over one ``NETLINK_NETFILTER`` socket it takes ownership of.
 
     The socket decides the namespace: create it with ``socket_in(ns, proto=12)``. A context
     manager; ``close()`` is idempotent. One request at a time (a lock)."""
 
+    protocol = "ctnetlink"
+
     def __init__(self, sock: socket.socket, description: str = ""):
-        self._sock: socket.socket | None = sock
-        self.description = description
-        self._lock = threading.Lock()
-        self._seq = 0
+        super().__init__(sock, description)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)   # dumps come in bulk
             sock.settimeout(IO_TIMEOUT)
@@ -97,12 +96,6 @@ class Conntrack:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def sock(self) -> socket.socket:
-        if self._sock is None:
-            raise from_errno(errno.EBADF, "ctnetlink", f"closed session {self.description}")
-        return self._sock
 
     # --- reading ---------------------------------------------------------------------------
     def entries(self, *, proto: str | None = None, dport: int | None = None,
@@ -194,10 +187,6 @@ class Conntrack:
             raise from_errno(code, what, f"conntrack table in {self.description}",
                              _hint(code)) from None
 
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
-        return self._seq
-
     @staticmethod
     def _encode(msg: nfct_msg, kind: int, flags: int, seq: int) -> bytes:
         msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | kind
@@ -222,26 +211,6 @@ class Conntrack:
                 break
             yield kind, flags, seq, buf[off: off + length]
             off += (length + 3) & ~3
-
-    # --- lifetime ----------------------------------------------------------------------------
-    def close(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def __enter__(self) -> "Conntrack":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
-        return f"<Conntrack {self.description} {state}>"
 
     @staticmethod
     def _check(proto, dport, dst) -> tuple[int | None, str | None]:

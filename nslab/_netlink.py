@@ -27,7 +27,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from .errors import NslabError, from_errno, from_netlink
 from .namespaces import Namespace
 
-__all__ = ["NETLINK_ROUTE", "NETLINK_NETFILTER", "NETLINK_SOCK_DIAG", "socket_in", "Rtnl", "GONE",
+__all__ = ["NETLINK_ROUTE", "NETLINK_NETFILTER", "NETLINK_SOCK_DIAG", "socket_in", "NetlinkSession", "Rtnl", "GONE",
            "Request", "rtnl_socket_here", "link_up", "address_add", "default_route_add", "encode_batch",
            "send_batch"]
 
@@ -51,6 +51,51 @@ def socket_in(ns: Namespace, family: int = socket.AF_NETLINK, type: int = socket
               proto: int = NETLINK_ROUTE) -> socket.socket:
     """A socket created inside ``ns`` (netlink by default); it stays in ``ns`` for life."""
     return ns.call(socket.socket, family, type | socket.SOCK_CLOEXEC, proto)
+
+
+class NetlinkSession:
+    """One netlink socket this object owns (created by the caller, e.g. with
+    :func:`socket_in`: the socket decides the namespace), with the sequence numbers and the
+    lock of one request at a time. ``close()`` is idempotent; a context manager."""
+
+    protocol = "netlink"          # for error messages: "nfnetlink", "ctnetlink"...
+
+    def __init__(self, sock: socket.socket, description: str = ""):
+        self._sock: socket.socket | None = sock
+        self.description = description
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    @property
+    def sock(self) -> socket.socket:
+        if self._sock is None:
+            raise from_errno(errno.EBADF, self.protocol, f"closed session {self.description}")
+        return self._sock
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
+        return self._seq
+
+    def close(self) -> None:
+        """Close the socket (after a request in flight). Idempotent."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
+        return f"<{type(self).__name__} {self.description} {state}>"
 
 
 class Rtnl:

@@ -40,7 +40,6 @@ import errno
 import ipaddress
 import socket
 import struct
-import threading
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES
@@ -50,6 +49,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_chain_msg, nft_rule_msg, nft_set_elem_list_msg, nft_set_msg, nft_table_msg,
 )
 
+from ._netlink import NetlinkSession
 from .errors import from_errno
 
 __all__ = ["Rule", "Dnat", "Jump", "Vmap", "ACCEPT", "DROP", "MASQUERADE", "FIELDS", "Batch",
@@ -423,7 +423,7 @@ class Batch:
 
 
 # --- transport ---------------------------------------------------------------------------------
-class Netfilter:
+class Netfilter(NetlinkSession):
     """An nfnetlink session over one ``NETLINK_NETFILTER`` socket it takes ownership of.
 
     The socket decides the namespace (create it with ``socket_in(ns, proto=12)``) and, for
@@ -431,11 +431,10 @@ class Netfilter:
     Thread-safe: one batch at a time.
     """
 
+    protocol = "nfnetlink"
+
     def __init__(self, sock: socket.socket, description: str = ""):
-        self._sock: socket.socket | None = sock
-        self.description = description
-        self._lock = threading.Lock()
-        self._seq = 0
+        super().__init__(sock, description)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         sock.bind((0, 0))                     # the kernel picks the port id (the table owner)
         # Extended acks: the kernel says which attribute it disliked.
@@ -443,16 +442,6 @@ class Netfilter:
             sock.setsockopt(270, 11, 1)         # SOL_NETLINK, NETLINK_EXT_ACK
         except OSError:
             pass
-
-    @property
-    def sock(self) -> socket.socket:
-        if self._sock is None:
-            raise from_errno(errno.EBADF, "nfnetlink", f"closed session {self.description}")
-        return self._sock
-
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0x7FFFFFFF or 1
-        return self._seq
 
     def commit(self, batch: Batch) -> dict[int, int]:
         """Apply ``batch`` atomically; return ``{request index: rule handle}`` for new rules.
@@ -525,18 +514,7 @@ class Netfilter:
 
     def close(self) -> None:
         """Close the socket: tables created with ``NFT_TABLE_F_OWNER`` vanish with it."""
-        with self._lock:
-            sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._sock is None
-
-    def __repr__(self) -> str:
-        state = "closed" if self._sock is None else f"fd={self._sock.fileno()}"
-        return f"<Netfilter {self.description} {state}>"
+        super().close()
 
 
 def _hint(code: int) -> str | None:

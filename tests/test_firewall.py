@@ -13,6 +13,7 @@ traffic is detected with short timeouts. The ruleset is read back with the real 
 ``tests/golden/*.json``; regenerate those with ``NSLAB_UPDATE_GOLDEN=1 pytest -k golden``.
 """
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import json
@@ -32,7 +33,7 @@ import pytest
 from nslab import _nft
 from nslab._conntrack import Conntrack, Entry
 from nslab._netlink import NETLINK_NETFILTER, Rtnl, socket_in
-from nslab.errors import InputError, PortAllocatedError
+from nslab.errors import InputError, NslabError, PortAllocatedError
 from nslab.firewall import Firewall, find_port_holder
 from nslab.namespaces import Namespace
 from nslab.proxy import UserlandProxy
@@ -771,6 +772,9 @@ def test_conntrack_session_checks_filters_and_ignores_gone_entries(box):
         assert ct.delete([ghost]) == 0 and ct.delete([]) == 0
     assert ct.closed and "closed" in repr(ct)
     ct.close()
+    with pytest.raises(NslabError) as info:        # a closed session names itself and its protocol
+        ct.entries()
+    assert info.value.errno == errno.EBADF and "ctnetlink" in str(info.value) and "test" in str(info.value)
 
 
 def test_unpublish_deletes_only_its_udp_conntrack_entries(box):
