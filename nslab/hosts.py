@@ -25,6 +25,7 @@ import errno
 import ipaddress
 import os
 import re
+import secrets
 import tempfile
 import threading
 from typing import Callable, TypeVar
@@ -121,7 +122,11 @@ class Host:
         self.state_dir = state_dir
         self._restore_sysctls = restore_sysctls
         self._saved_sysctls: dict[str, str] = {}
-        self._sysctl_keys: dict[str, str | None] = {}
+        # Leases (sysctl_leases) are held by a record of the host's own, not its lab's: a
+        # host a caller passes to several labs in turn holds them across all of them.
+        self._lease_record = None
+        self._lease_netns: str | None = None
+        self._sysctl_keys: dict[str, str] = {}
         self._lock = threading.Lock()
         self.rtnl = Rtnl(netns)
         self.record = None          # a records.LabRecord, attached by the Lab
@@ -154,7 +159,9 @@ class Host:
         """Set a sysctl in the host's namespace; the first old value is kept for restore().
 
         On a host that outlives nslab the change is a lease shared with every other lab on
-        it (:mod:`nslab.sysctl_leases`): the last one to leave restores the old value."""
+        it (:mod:`nslab.sysctl_leases`): the last one to leave restores the old value. The
+        host holds it (by a record of its own), so it lasts as long as the host, across
+        every lab the host is passed to."""
         value = str(value)
         with self._lock:
             if not self._restore_sysctls:
@@ -165,17 +172,19 @@ class Host:
             if name in self._saved_sysctls:
                 return
             from . import sysctl_leases
-            holder = self._holder()
+            record = self._leases()
             # Written down first: a crash between the lease and the record must leave gc a
             # way to release it (releasing a lease we never took is a no-op).
-            key = self.remember("sysctl", name=name, lease_dir=self.state_dir, holder=holder)
+            key = record.add("sysctl", name=name, lease_dir=self.state_dir, lease_netns=self._lease_netns,
+                             holder=record.lab_id)
             try:
-                old = sysctl_leases.acquire(self.netns, self.state_dir, name, value, holder)
+                old = sysctl_leases.acquire(self.netns, self.state_dir, self._lease_netns, name, value,
+                                            record.lab_id)
             except BaseException:
-                self.forget(key)
+                record.forget(key)
                 raise
             if old is None:
-                self.forget(key)
+                record.forget(key)
                 return
             self._saved_sysctls[name] = old
             self._sysctl_keys[name] = key
@@ -183,18 +192,31 @@ class Host:
 
     def restore_sysctl(self, name: str) -> None:
         with self._lock:
-            if self._saved_sysctls.pop(name, None) is None:
+            if name not in self._saved_sysctls:
                 return
             from . import sysctl_leases
-            sysctl_leases.release(self.netns, self.state_dir, name, self._holder())
+            record = self._lease_record
+            sysctl_leases.release(self.netns, self.state_dir, self._lease_netns, name, record.lab_id)
             checkpoint("host.sysctl_restored")
-            self.forget(self._sysctl_keys.pop(name, None))
+            del self._saved_sysctls[name]
+            record.forget(self._sysctl_keys.pop(name))
 
-    def _holder(self) -> str:
-        """Who holds this host's sysctl leases: its lab (gc knows it by that id)."""
-        if self.record is not None:
-            return self.record.lab_id
-        return f"pid{os.getpid()}-{id(self):x}"
+    def _leases(self):
+        """The record this host holds its sysctl leases by (gc releases them if we die):
+        made on first use, next to its lab's records, and closed with the host."""
+        if self._lease_record is None:
+            from .records import LabRecord
+            from .sysctl_leases import netns_key
+            self._lease_netns = netns_key(self.netns)
+            record = LabRecord(self.record.root if self.record is not None else None,
+                               lab_id="host-" + secrets.token_hex(6))
+            self._lease_record = record.attach_host(self)
+        return self._lease_record
+
+    @property
+    def lease_holder(self) -> str | None:
+        """The id this host's sysctl leases are held by (None before its first one)."""
+        return self._lease_record.lab_id if self._lease_record is not None else None
 
     @property
     def changed_sysctls(self) -> dict[str, str]:
@@ -219,6 +241,8 @@ class Host:
                     self.restore_sysctl(name)
                 except BaseException as exc:  # noqa: BLE001 - reported after the rest
                     failed.append(exc)
+            if self._lease_record is not None:
+                self._lease_record.close()     # kept (unlocked) for gc if a restore failed
         self.rtnl.close()
         self.netns.close()
         if failed:

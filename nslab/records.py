@@ -190,6 +190,7 @@ class LabRecord:
 
     def __init__(self, root: str | None = None, lab_id: str | None = None):
         self.lab_id = lab_id or secrets.token_hex(6)
+        self.root = root
         self.dir = labs_dir(root)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(self.dir, f"{self.lab_id}{_SUFFIX}")
@@ -518,9 +519,9 @@ def _collect(record: dict, report: GcReport, directory: str, path: str) -> bool:
     try:
         for key, entry in reversed(entries):
             try:
-                if entry.get("kind") in _NETNS_KINDS and ns_gone:
+                if entry.get("kind") in _NETNS_KINDS and ns_gone and "lease_dir" not in entry:
                     continue      # its namespace is gone, and everything in it went too
-                what = _undo(lab, entry, ns, directory, path)
+                what = _undo(lab, entry, None if ns_gone else ns, directory, path)
                 if what:
                     report.removed.append(f"lab {lab}: {what}")
                 checkpoint("gc.undo")
@@ -544,7 +545,11 @@ def _undo(lab: str, entry: dict, ns, directory: str, path: str) -> str | None:
         return _undo_link(entry, ns)
     if kind == "sysctl" and "lease_dir" in entry:
         from .sysctl_leases import release
-        old = release(ns, entry["lease_dir"], entry["name"], entry["holder"])
+        if ns is None:         # the namespace is gone, and the change with it: just let go
+            release(None, entry["lease_dir"], entry.get("lease_netns") or "", entry["name"], entry["holder"],
+                    write=False)
+            return f"sysctl {entry['name']}: lease of a namespace that is gone let go"
+        old = release(ns, entry["lease_dir"], entry.get("lease_netns") or "", entry["name"], entry["holder"])
         return None if old is None else f"sysctl {entry['name']} restored to {old!r} (its last holder)"
     if kind == "sysctl":
         from .hosts import read_sysctl, write_sysctl
