@@ -381,9 +381,14 @@ class Ipam:
         return held
 
     @staticmethod
-    def remove(state_dir: str, network: str) -> bool:
+    def remove(state_dir: str, network: str, *, only_if_unused: bool = False,
+               wanted: "Callable[[], bool] | None" = None) -> bool:
         """Forget a network's reservations (on network teardown). True if it had any state.
-        Idempotent. Handles still open on it fail with ENOENT from then on."""
+        Idempotent. Handles still open on it fail with ENOENT from then on.
+
+        ``only_if_unused`` (gc): leave it if its journal holds an address or ``wanted()``
+        says someone still names it. Both are asked under the locks that opening and
+        allocating take, so nobody can start using it between the check and the removal."""
         network = validate_network_name(network)
         ipam_dir = os.path.join(os.path.abspath(state_dir), "ipam")
         if not os.path.isdir(ipam_dir):
@@ -393,6 +398,9 @@ class Ipam:
             if not os.path.exists(lock_path):
                 return False
             with _flocked_file(lock_path):
+                if only_if_unused and (_journal_holds_any(os.path.join(ipam_dir, f"{network}.journal"))
+                                       or (wanted is not None and wanted())):
+                    return False
                 # The journal first: from then on open handles fail (ENOENT) and a crash here
                 # leaves a description without a journal, which counts as half-removed (its
                 # subnet stays taken until the next open or remove finishes the job).
@@ -841,6 +849,27 @@ class Ipam:
         del self._held[addr]
         if addr < self._next:
             heapq.heappush(self._holes, addr)
+
+
+def _journal_holds_any(path: str) -> bool:
+    """Does the journal at ``path`` hold an address (read under its network's lock)? A
+    journal that cannot be read or parsed counts as holding one: gc leaves it alone."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    held: set[bytes] = set()
+    for line in data[data.find(b"\n") + 1:data.rfind(b"\n") + 1].split(b"\n")[:-1]:
+        if line[:1] == b"+":
+            held.add(line[1:].partition(b" ")[0])
+        elif line[:1] == b"-":
+            held.discard(line[1:])
+        else:
+            return True
+    return bool(held)
 
 
 def _add_record(addr: int, owner: str) -> bytes:

@@ -638,8 +638,11 @@ def _undo_ipam(lab: str, entry: dict, directory: str, collecting: str) -> str | 
             return None
         raise
     parts = [f"{len(released)} address(es) of network {network}"] if released else []
-    if not remaining and (os.path.abspath(state_dir), network) not in _live_ipam_networks(directory, collecting):
-        if Ipam.remove(state_dir, network):
+    if not remaining:
+        # Asked again under the IPAM locks: a live lab may have just started using it.
+        key = (os.path.abspath(state_dir), network)
+        if Ipam.remove(state_dir, network, only_if_unused=True,
+                       wanted=lambda: key in _live_ipam_networks(directory, collecting)):
             parts.append(f"IPAM state of network {network} ({held[network]})")
     return ", ".join(parts) or None
 

@@ -276,6 +276,26 @@ def test_for_network_chooses_reuses_and_validates(state_dir):
         Ipam.for_network(state_dir, "d", avoid, pools=[N("172.17.0.0/16"), N("172.18.0.0/16")])
 
 
+def test_remove_only_if_unused_asks_under_the_locks(state_dir, no_fd_leak):
+    """gc's removal leaves a network whose journal holds an address, or that someone still
+    names (``wanted``, asked while the locks that opening and allocating take are held)."""
+    with Ipam(state_dir, "n", "10.0.0.0/24") as ipam:
+        ip = ipam.allocate("live-lab/c1")
+        assert Ipam.remove(state_dir, "n", only_if_unused=True) is False
+        ipam.release(ip)
+        asked = []
+
+        def wanted():
+            asked.append(True)
+            return True
+        assert Ipam.remove(state_dir, "n", only_if_unused=True, wanted=wanted) is False and asked
+        assert Ipam.held_subnets(state_dir) == {"n": N("10.0.0.0/24")}
+        assert ipam.allocate("live-lab/c2")            # untouched: still usable
+        ipam.release_owner("live-lab/c2")
+    assert Ipam.remove(state_dir, "n", only_if_unused=True, wanted=lambda: False) is True
+    assert Ipam.held_subnets(state_dir) == {}
+
+
 def test_remove_forgets_and_stale_handles_fail(state_dir, no_fd_leak):
     """remove() deletes a network's state (idempotently); a handle still open gets ENOENT."""
     stale = Ipam(state_dir, "n", "10.0.0.0/24")
