@@ -134,7 +134,11 @@ class Conntrack(NetlinkSession):
                         raise from_errno(code, "ctnetlink dump (IPCTNL_MSG_CT_GET)",
                                          f"conntrack table in {self.description}", _hint(code))
                     interrupted |= bool(flags & NLM_F_DUMP_INTR)
-                    entry = _decode(data)
+                    try:
+                        entry = _decode(data)
+                    except (ValueError, TypeError, KeyError, IndexError, struct.error) as exc:
+                        raise from_errno(errno.EBADMSG, "ctnetlink dump (IPCTNL_MSG_CT_GET)",
+                                         f"an undecodable entry in {self.description}: {exc}") from None
                     if entry is not None:
                         found.append(entry)
 
@@ -207,8 +211,10 @@ class Conntrack(NetlinkSession):
         off = 0
         while off + 16 <= len(buf):
             length, kind, flags, seq, _pid = struct.unpack_from("=IHHII", buf, off)
-            if length < 16:
-                break
+            if length < 16 or off + length > len(buf) or (kind == NLMSG_ERROR and length < 20):
+                # Not what the kernel sends: refuse it rather than misread what follows.
+                raise from_errno(errno.EBADMSG, "ctnetlink recv",
+                                 f"a malformed netlink message ({length} bytes at {off} of {len(buf)})")
             yield kind, flags, seq, buf[off: off + length]
             off += (length + 3) & ~3
 
