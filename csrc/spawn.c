@@ -395,6 +395,10 @@ static void setup_netlink(const struct child_ctx *c, int *nl, const unsigned cha
         const struct nlmsghdr *h = (const struct nlmsghdr *)(msgs + off);
         if (len - off < sizeof *h || h->nlmsg_len < sizeof *h || h->nlmsg_len > len - off)
             child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index);
+        /* One ack per request is awaited below: a request that asks for none would hang us. */
+        if ((h->nlmsg_flags & (NLM_F_REQUEST | NLM_F_ACK)) != (NLM_F_REQUEST | NLM_F_ACK) ||
+            h->nlmsg_type < NLMSG_MIN_TYPE)
+            child_fail(c, NSLAB_STEP_SETUP, -EINVAL, index | (n + 1));
         off += NLMSG_ALIGN(h->nlmsg_len);
     }
     struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
@@ -518,14 +522,16 @@ static int __attribute__((noreturn)) child_main(void *arg)
         set_pdeathsig(c, ppid);  /* joining a user namespace changes credentials, which may
                                     clear the parent-death signal */
 
-    /* Our own share of the setup (sysctls, lo up...), while the parent does its share. */
-    /* Our namespaces exist: the parent may wire them (a veth into our netns) while we run
-     * our own setup. */
-    if (a->unshare_flags) {
+    /* Our namespaces exist (made or joined): the parent may look at them and wire them (a
+     * veth into our netns) while we run our own share of the setup (sysctls, lo up...). */
+    if (a->unshare_flags || a->n_join > 0) {
+        /* A parent with nothing to look at may have sent "go" and closed its end already
+         * (it reads "r" only when it waits): then this finds EPIPE, which is fine, and the
+         * read below finds the "go" (or EOF if it gave up). MSG_NOSIGNAL: no SIGPIPE. */
         char ready = 'r';
-        while ((rc = sys3(SYS_write, c->sync_fd, &ready, 1)) == -EINTR)
+        while ((rc = raw6(SYS_sendto, c->sync_fd, (long)&ready, 1, MSG_NOSIGNAL, 0, 0)) == -EINTR)
             ;
-        if (rc < 0)
+        if (rc < 0 && rc != -EPIPE && rc != -ECONNRESET)
             child_fail(c, NSLAB_STEP_SYNC, rc, 0);
     }
     int nl = -1, sysfd = -1, step = 0;
@@ -623,8 +629,11 @@ static int use_vm_mode(const struct nslab_spawn_args *a)
     if (a->clone_flags & CLONE_NEWTIME)
         return 0;
     for (int i = 0; i < a->n_join; i++)
-        if (!a->join_types || a->join_types[i] == 0 || a->join_types[i] == CLONE_NEWTIME)
-            return 0;  /* joining time needs an unshared mm; an unknown kind might */
+        if (!a->join_types || a->join_types[i] == 0 || a->join_types[i] == CLONE_NEWTIME ||
+            a->join_types[i] == CLONE_NEWUSER)
+            return 0;  /* joining time needs an unshared mm; an unknown kind might; joining a user
+                          namespace commits new credentials, which resets the dumpable flag of
+                          the mm, ours in CLONE_VM mode (verified: PR_GET_DUMPABLE 1 -> 0) */
     return 1;
 }
 

@@ -105,8 +105,8 @@ int nslab_spawn(const struct nslab_spawn_args *a, struct nslab_spawn_result *r);
  * parent (for PR_SET_PDEATHSIG) is a thread that lives as long as the process. */
 int nslab_spawn_via_spawner(const struct nslab_spawn_args *a, struct nslab_spawn_result *r);
 
-/* Wait until a child started with unshare_flags has its namespaces (its setup may still be
- * running): only then may the parent look at them. Returns 0, or -EPIPE if the child died first (it
+/* Wait until a child started with unshare_flags or join_fds has its namespaces (its setup may
+ * still be running): only then may the parent look at them. Returns 0, or -EPIPE if the child died first (it
  * failed a step: nslab_spawn_release reports which), or -errno. */
 int nslab_spawn_wait_ready(struct nslab_spawn_result *r);
 

@@ -37,6 +37,7 @@ __all__ = ["ChildSetup"]
 
 _lib = _native.lib
 _STEP = struct.Struct("=II")          # struct nslab_setup_step: op, payload length
+_NEEDED_FLAGS = 0x1 | 0x4             # NLM_F_REQUEST | NLM_F_ACK
 _PROC_SYS = "/proc/sys/"
 
 
@@ -75,6 +76,10 @@ class ChildSetup:
         requests = list(requests)
         if not requests or len(requests) > 255:
             raise InputError("requests", "a batch holds 1 to 255 requests", len(requests))
+        for r in requests:
+            # Every step waits for one ack per request: without NLM_F_ACK it would wait forever.
+            if len(r.data) < 16 or struct.unpack_from("=H", r.data, 6)[0] & _NEEDED_FLAGS != _NEEDED_FLAGS:
+                raise InputError("requests", "each request needs NLM_F_REQUEST and NLM_F_ACK", r.what)
         self._steps.append((_lib.NSLAB_SETUP_NETLINK, encode_batch(requests), f"netlink batch in {where}",
                             [r.what for r in requests]))
         return self
@@ -103,6 +108,12 @@ class ChildSetup:
         if request and request <= len(requests):
             return f"{what}: {requests[request - 1]}"
         return what
+
+    def copy(self) -> "ChildSetup":
+        """A program with the same steps, which later builder calls on this one do not change."""
+        both = ChildSetup()
+        both._steps = list(self._steps)
+        return both
 
     def __add__(self, other: "ChildSetup") -> "ChildSetup":
         both = ChildSetup()

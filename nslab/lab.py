@@ -215,6 +215,12 @@ class _Wiring:
                                                    self.plan["mappings"], via=self.plan["via"])
         checkpoint("lab.published")
 
+    @property
+    def before_exec_if_needed(self) -> "Callable[[Child], None] | None":
+        """before_exec for a child whose netns we wire; None for host and container: (a
+        before_exec would make the spawn wait until the child has joined, for nothing)."""
+        return self.before_exec if self.owns_netns else None
+
     def before_exec(self, child: Child) -> None:
         if not self.owns_netns:
             return
@@ -373,7 +379,7 @@ class Lab:
         try:
             child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
                                 hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
-                                pass_fds=tuple(pass_fds), before_exec=wiring.before_exec,
+                                pass_fds=tuple(pass_fds), before_exec=wiring.before_exec_if_needed,
                                 caps_drop=cap_drop, setup=wiring.setup, meanwhile=wiring.meanwhile)
             checkpoint("lab.spawned")
         except BaseException:
@@ -398,7 +404,7 @@ class Lab:
         wiring = _Wiring(self, plan)
         try:
             return call_in_child(fn, *args, new=wiring.new, join=wiring.join, hostname=plan["hostname"],
-                                 timeout=timeout, before_exec=wiring.before_exec, setup=wiring.setup,
+                                 timeout=timeout, before_exec=wiring.before_exec_if_needed, setup=wiring.setup,
                                  meanwhile=wiring.meanwhile, **kwargs)
         finally:
             wiring.close()

@@ -250,6 +250,11 @@ class Child:
         keep = _check_pass_fds(pass_fds)
         if "user" in kinds:
             user_map = (user_map or UserMap.root()).validate()
+            if setup is not None:
+                # It would run before we have written the uid/gid maps, judged against a user
+                # namespace that maps nobody: configure() it from before_exec instead.
+                raise InputError("setup", "cannot run in a new user namespace before its maps exist: "
+                                 "send it with child.configure() from before_exec", setup)
         elif user_map is not None:
             raise InputError("user_map", "only applies with new=('user', ...)", user_map)
         cwd_b = _check_cwd(cwd)
@@ -305,6 +310,8 @@ class Child:
         opened: list[int] = []    # fds we opened for the child (its ends): closed after clone
         parent_ends: list = []    # our ends of PIPEs: (attribute, fd, mode)
         cgroup_fd = -1
+        r = ffi.new("struct nslab_spawn_result *")
+        r.pid, r.pidfd, r.sync_fd, r.err_fd = 0, -1, -1, -1
         try:
             if cgroup is not None:
                 cgroup_fd = _open_cgroup(cgroup)
@@ -312,11 +319,15 @@ class Child:
                     opened.append(cgroup_fd)
             a.cgroup_fd = cgroup_fd
             a.stdio = _stdio_fds(stdin, stdout, stderr, opened, parent_ends)
-            r = ffi.new("struct nslab_spawn_result *")
             # The spawner thread outlives every caller (PDEATHSIG), and costs ~10 us.
             clone = lib.nslab_spawn_via_spawner if die_with_parent else lib.nslab_spawn
             rc = clone(a, r)
         except BaseException:
+            # A signal that arrived during the clone is raised as it returns, with the child
+            # made: it must not stay parked (nor read our freed arguments) — abort it.
+            if r.pid > 0 and r.pidfd >= 0:
+                lib.nslab_spawn_abort(r, ffi.NULL)
+                _reap_and_close(r.pidfd)
             for _, fd, _ in parent_ends:
                 os.close(fd)
             raise
@@ -332,17 +343,24 @@ class Child:
         # KeyboardInterrupt) must abort it, so nothing is left waiting forever.
         child = cls(r.pid, r.pidfd, [os.fsdecode(x) for x in argv_b])
         child._parked = r
-        child._setup = setup
+        child._setup = setup.copy() if setup is not None else None   # as encoded, for error reports
         try:
             while parent_ends:
-                attr, fd, mode = parent_ends[0]
-                setattr(child, attr, open(fd, mode))
-                parent_ends.pop(0)
+                attr, fd, mode = parent_ends.pop(0)   # ours alone now: closed once, below or by f
+                f = None
+                try:
+                    f = open(fd, mode)
+                    setattr(child, attr, f)
+                except BaseException:
+                    if f is None:
+                        os.close(fd)
+                    raise
             if "user" in kinds:
                 _write_user_maps(child.pid, user_map)
             if meanwhile is not None:
                 meanwhile()
-            if deferred:
+            if deferred or (joins and before_exec is not None):
+                # (before_exec may look at the child's namespaces: they must be its own by then)
                 rc = lib.nslab_spawn_wait_ready(r)
                 if rc < 0 and rc != -errno.EPIPE:
                     raise from_errno(-rc, "read", f"sync socket of pid {child.pid}")
@@ -393,7 +411,7 @@ class Child:
             return              # the child is gone; the release reports why
         if rc < 0:
             raise from_errno(-rc, "send", f"setup program to pid {self.pid}")
-        self._setup = setup if self._setup is None else self._setup + setup
+        self._setup = setup.copy() if self._setup is None else self._setup + setup
 
     def _discard(self) -> None:
         """Kill, reap and close a child that never became the caller's (spawn failed)."""
@@ -814,6 +832,16 @@ def _check_pass_fds(pass_fds) -> list[int]:
     if len(fds) > lib.NSLAB_SPAWN_MAX_FDS - 16:
         raise InputError("pass_fds", f"at most {lib.NSLAB_SPAWN_MAX_FDS - 16} fds", len(fds))
     return fds
+
+
+def _reap_and_close(pidfd: int) -> None:
+    """Reap a child we killed (aborted in spawn) and close its pidfd."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+    except ChildProcessError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 def _env_list(env) -> list[bytes]:

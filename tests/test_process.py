@@ -772,3 +772,117 @@ def test_the_childs_own_failure_wins_over_what_before_exec_tripped_on():
         own_userns.close()
     assert info.value.step.startswith("setns(user") and info.value.errno == errno.EINVAL
     assert isinstance(info.value.__cause__, OSError)
+
+
+# --- found in review: interrupts, joins, user namespaces, programs ----------------------------
+@pytest.mark.root
+def test_an_interrupt_as_the_clone_returns_leaves_no_parked_child(monkeypatch, no_fd_leak):
+    """A signal (Ctrl-C) that arrives during the clone is raised when it returns, with the
+    child made: spawn aborts and reaps it, so it neither stays parked nor keeps fds."""
+    from nslab import process
+    real, made = process.lib, []
+
+    class Interrupted:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            if not name.startswith("nslab_spawn") or name not in ("nslab_spawn", "nslab_spawn_via_spawner"):
+                return fn
+
+            def clone(a, r):
+                fn(a, r)
+                made.append(r.pid)
+                raise KeyboardInterrupt
+            return clone
+    monkeypatch.setattr(process, "lib", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        Child.spawn(["sleep", "30"], new=("net",))
+    monkeypatch.undo()
+    assert made and not os.path.exists(f"/proc/{made[0]}")        # killed and reaped
+
+
+@pytest.mark.root
+def test_a_failure_handing_over_a_pipe_closes_it_once(monkeypatch, no_fd_leak):
+    """If wrapping our end of a PIPE fails, that exception is what spawn raises (not an EBADF
+    from closing the same fd twice: each end is closed once, by its file object or by spawn),
+    and the child is discarded."""
+    from nslab import process
+
+    def broken_open(fd, mode):
+        raise MemoryError("simulated")
+    monkeypatch.setattr(process, "open", broken_open, raising=False)
+    with pytest.raises(MemoryError):
+        Child.spawn(["sleep", "30"], new=(), stdout=PIPE)
+
+
+@pytest.mark.root
+def test_before_exec_sees_the_joined_namespaces(no_fd_leak):
+    """With join= and no new namespace, before_exec runs only once the child is in them."""
+    with Namespace.create("net") as target:
+        seen = []
+        for _ in range(30):
+            with Child.spawn(["true"], new=(), join=[target],
+                             before_exec=lambda c: seen.append(c.namespace("net") == target)) as c:
+                c.wait()
+        assert seen == [True] * 30
+
+
+@pytest.mark.root
+def test_joining_a_user_namespace_leaves_our_dumpable_flag():
+    """Joining a user namespace commits new credentials, which resets the dumpable flag of the
+    caller's memory: a child sharing ours (CLONE_VM) must not, so nslab forks for it (with
+    fs.suid_dumpable=0, the flag would drop to 0: no core dumps, no ptrace by our user)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_GET_DUMPABLE = 3
+    holder = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "unshare", "-U", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while ns_id(holder.pid, "user") == ns_id(os.getpid(), "user"):
+            assert time.monotonic() < deadline, "the holder never made its user namespace"
+            time.sleep(0.01)
+        with Namespace.open(f"/proc/{holder.pid}/ns/user", "user") as userns:
+            assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+            with Child.spawn(["true"], new=(), join=[userns]) as c:
+                assert c.wait() == 0
+            assert libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_netlink_request_without_an_ack_is_refused():
+    """Every setup step waits for one ack per request: a request that asks for none would
+    hang the child (and its parent), so it is an InputError when the program is built."""
+    from nslab._netlink import Request, link_up
+    from nslab.child_setup import ChildSetup
+    req = link_up("lo")
+    data = bytearray(req.data)
+    data[6] &= ~0x4                                   # clear NLM_F_ACK
+    with pytest.raises(InputError) as info:
+        ChildSetup().netlink([Request(bytes(data), req.what)], "here")
+    assert info.value.field == "requests"
+
+
+@pytest.mark.root
+def test_the_failed_step_is_named_as_it_was_sent():
+    """Error reports name the step the child ran, even if the caller's builder grew after
+    it was handed over."""
+    from nslab.child_setup import ChildSetup
+    setup = ChildSetup().write_sysctl("net/ipv4/conf/lo/arp_notify", "1")
+
+    def grow(child):
+        setup.write_sysctl("net/ipv4/conf/lo/arp_ignore", "1")      # after it was sent
+        child.configure(ChildSetup().write_sysctl("net/ipv4/conf/nosuch0/arp_notify", "1"))
+    with pytest.raises(SpawnError) as info:
+        Child.spawn(["true"], new=("net",), setup=setup, before_exec=grow)
+    assert "nosuch0" in str(info.value) and "arp_ignore" not in str(info.value)
+
+
+def test_setup_in_a_new_user_namespace_is_refused():
+    """A setup program would run before the uid/gid maps exist: refused, nothing started."""
+    from nslab.child_setup import ChildSetup
+    with pytest.raises(InputError) as info:
+        Child.spawn(["true"], new=("user", "net"),
+                    setup=ChildSetup().write_sysctl("net/ipv4/ip_forward", "1"))
+    assert info.value.field == "setup"
