@@ -84,7 +84,8 @@ def crash_and_collect(tmp, point: str | None, extra: tuple, shared: SharedHost |
         again = gc(tmp)
         if not again.noop:
             problems.append(f"{point}: second gc was not a no-op: {again}")
-        if os.listdir(run.records):
+        # (Killed before its first lab, a controller never made the records directory.)
+        if os.path.isdir(run.records) and os.listdir(run.records):
             problems.append(f"{point}: records left {os.listdir(run.records)}")
         for lab in labs:
             leftover = os.path.join(scratch_root(), f"sandbox-{lab}")
