@@ -17,6 +17,7 @@ there is no image and no root filesystem: children run the host's programs.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -31,7 +32,7 @@ from .hosts import CurrentHost, Host, SandboxHost, scratch_root
 from .modes import Mode, check_container_name, parse_mode
 from .namespaces import KINDS, Namespace, kind_of
 from .networks import DEFAULT_BRIDGE, BridgeNetwork, Endpoint, check_network_name, container_setup, wire_none
-from .process import Child, caps_mask
+from .process import Child, caps_mask, check_spawn_args
 from .records import LabRecord
 from ._faults import checkpoint
 
@@ -105,10 +106,12 @@ class Container:
 
     @property
     def address(self):
-        """The container's IPv4 address (bridge mode; container mode: its owner's), or None."""
+        """The container's IPv4 address (bridge mode; container mode: its owner's while the
+        owner is up — after, the shared netns has only lo and the address may be someone
+        else's), or None."""
         if self.endpoint is not None:
             return self.endpoint.ip
-        if self.joined is not None:
+        if self.joined is not None and not self.joined.closed:
             return self.joined.address
         return None
 
@@ -189,9 +192,7 @@ class _Wiring:
         if mode.kind == "host":
             self.join, self.netns = [lab.host.netns], lab.host.netns
         elif mode.kind == "container":
-            # Our own handle: the netns must stay inspectable after its owner closes (Docker's
-            # caveat, moby#10462: the dependant lives on in a netns whose eth0 went away).
-            self.netns = Namespace.from_fd(plan["joined"].netns.fileno(), "net")
+            self.netns = plan["joined_netns"]       # copied by _plan while the owner was up
             self.join = [self.netns]
         else:
             self.join, self.netns = [], None
@@ -210,9 +211,11 @@ class _Wiring:
 
     def _publish(self, address) -> None:
         # Always, even with no ports: Docker adds DROP DIRECT ACCESS for every endpoint.
-        self._published_key = self.plan["name"]
+        # Ours to unpublish only once it succeeded: a failed publish cleaned up after itself,
+        # and the key might be another container's (unpublish is by name).
         self.published = self.lab.firewall.publish(self.plan["name"], self.network.bridge, address,
                                                    self.plan["mappings"], via=self.plan["via"])
+        self._published_key = self.plan["name"]
         checkpoint("lab.published")
 
     @property
@@ -311,6 +314,7 @@ class Lab:
         self._firewall = None
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
+        self._pending: set[str] = set()        # names of containers being started (_plan)
         self._closed = False
 
     # --- networks -----------------------------------------------------------------------
@@ -371,15 +375,25 @@ class Lab:
         execve (EPERM, with a hint): spawn it with ``cap_drop=()``. ``publish``: Docker ``-p`` specs. Raises
         InputError for bad input, before anything in the kernel changes.
         """
-        plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
         argv = check_argv(argv)
         env = check_env(env)
-        caps_mask(cap_drop, "cap_drop")         # InputError before anything is wired
+        caps_mask(cap_drop, "cap_drop")
+        # Every check of Child.spawn too: the wiring below makes the bridge and table first.
+        check_spawn_args(argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdin=stdin, stdout=stdout,
+                         stderr=stderr)
+        plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
+        try:
+            return self._start(plan, argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
+                               pass_fds=tuple(pass_fds), cap_drop=cap_drop)
+        finally:
+            self._release_name(plan)
+
+    def _start(self, plan: dict, argv, *, env, cwd, stdin, stdout, stderr, pass_fds, cap_drop) -> Container:
         wiring = _Wiring(self, plan)
         try:
             child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
                                 hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
-                                pass_fds=tuple(pass_fds), before_exec=wiring.before_exec_if_needed,
+                                pass_fds=pass_fds, before_exec=wiring.before_exec_if_needed,
                                 caps_drop=cap_drop, setup=wiring.setup, meanwhile=wiring.meanwhile)
             checkpoint("lab.spawned")
         except BaseException:
@@ -389,8 +403,21 @@ class Lab:
                               wiring.published, [plan["warning"]] if plan["warning"] else [], plan["joined"],
                               id=plan["id"], hostname=plan["hostname"])
         with self._lock:
-            self.containers[container.name] = container
+            closed_meanwhile = self._closed
+            if not closed_meanwhile:
+                self.containers[container.name] = container
+        if closed_meanwhile:
+            # close() ran while this one started and could not see it: undo it here.
+            with contextlib.suppress(NslabError):
+                self._remove(container)
+            raise NslabError(errno.EBADF, f"the lab was closed while container {plan['name']} started "
+                             "(it was torn down)")
         return container
+
+    def _release_name(self, plan: dict) -> None:
+        """The name reserved by _plan is a container's now, or free again."""
+        with self._lock:
+            self._pending.discard(plan["name"])
 
     def run(self, fn: Callable[..., Any], *args: Any, mode: "str | Mode" = "bridge", name: str | None = None,
             publish: Iterable = (), new: Iterable[str] = (), hostname: str | None = None,
@@ -398,9 +425,16 @@ class Lab:
         """Run a Python callable in a fresh child placed in ``mode``; return its result or
         re-raise its exception. The child is a fresh interpreter (safe with threads); its
         network is removed when it returns."""
-        from .process import call_in_child, pickle_call
-        plan = self._plan(mode, name, publish, new, hostname, None, None)
+        from .process import pickle_call
         pickle_call(fn, args, kwargs)   # InputError for a lambda, before any wiring
+        plan = self._plan(mode, name, publish, new, hostname, None, None)
+        try:
+            return self._run(plan, fn, args, kwargs, timeout)
+        finally:
+            self._release_name(plan)
+
+    def _run(self, plan: dict, fn, args, kwargs, timeout):
+        from .process import call_in_child
         wiring = _Wiring(self, plan)
         try:
             return call_in_child(fn, *args, new=wiring.new, join=wiring.join, hostname=plan["hostname"],
@@ -415,13 +449,11 @@ class Lab:
         self._check_open()
         m = parse_mode(mode)
         if name is None:
-            name = f"c{next(self._counter)}"
-            while name in self.containers:
+            with self._lock:
                 name = f"c{next(self._counter)}"
+                while name in self.containers or name in self._pending:
+                    name = f"c{next(self._counter)}"
         name = check_container_name(name)
-        if name in self.containers:
-            raise InputError("name", f"a container named {name!r} already exists in this lab "
-                             "(Docker: Conflict. The container name is already in use)", name)
         if isinstance(new, str):
             new = (new,)
         if isinstance(new, (bytes, bytearray)) or not isinstance(new, Iterable):
@@ -442,29 +474,42 @@ class Lab:
         strict = self.strict_publish if strict_publish is None else strict_publish
         warning = check_publish_for_mode(m.kind, mappings, strict=strict)
         via = self.published_via if published_via is None else check_published_via(published_via, self.host.kind)
-        joined = None
-        if m.kind == "container":
-            joined = self.containers.get(m.container)
-            if joined is None:
-                raise InputError("mode", f"no container named {m.container!r} in this lab", str(m))
-            if joined.closed or not joined.running:
-                raise InputError("mode", f"cannot join network of a non running container: {m.container}", str(m))
         container_id = secrets.token_hex(32)
-        if m.kind != "host":
-            # As Docker: a private UTS and IPC namespace for every container not in host mode.
-            # Docker names the host after the short container id *and* writes that name into
-            # the container's own /etc/hosts; nslab's children share the host's /etc, where an
-            # unknown name sends every getfqdn() (http.server's, say) to an unreachable DNS.
-            # So the private UTS keeps the inherited hostname unless one is given (container:
-            # mode copies its owner's, as Docker does).
-            new_kinds += [k for k in ("uts", "ipc") if k not in new_kinds]
-            if hostname is None and joined is not None:
-                hostname = joined.hostname
-        elif hostname and "uts" not in new_kinds:
-            new_kinds.append("uts")
+        # As Docker: a private UTS and IPC namespace for every container, host mode included
+        # (Docker drops UTS only for --uts=host; a host-network container's hostname is a copy
+        # of the host's, which is what a new UTS namespace starts with). So no child of a lab
+        # can rename the machine. Docker names a container after its short id *and* writes
+        # that name into the container's own /etc/hosts; nslab's children share the host's
+        # /etc, where an unknown name sends every getfqdn() (http.server's, say) to an
+        # unreachable DNS. So the private UTS keeps the inherited hostname unless one is given
+        # (container: mode copies its owner's, as Docker does).
+        new_kinds += [k for k in ("uts", "ipc") if k not in new_kinds]
+        with self._lock:
+            # Last, and under the lock: the name is held from here until the container is
+            # registered or has failed (_release_name), so two spawns cannot both take it; the
+            # owner of container: mode is checked and its netns handle copied while it cannot
+            # close under us.
+            self._check_open()
+            if name in self.containers or name in self._pending:
+                raise InputError("name", f"a container named {name!r} already exists in this lab "
+                                 "(Docker: Conflict. The container name is already in use)", name)
+            joined = joined_netns = None
+            if m.kind == "container":
+                joined = self.containers.get(m.container)
+                if joined is None:
+                    raise InputError("mode", f"no container named {m.container!r} in this lab", str(m))
+                if joined.closed or not joined.running:
+                    raise InputError("mode", f"cannot join network of a non running container: {m.container}",
+                                     str(m))
+                if hostname is None:
+                    hostname = joined.hostname
+                # Our own handle: the netns must stay inspectable after its owner closes
+                # (Docker's caveat, moby#10462: the dependant lives on with only lo).
+                joined_netns = Namespace.from_fd(joined.netns.fileno(), "net")
+            self._pending.add(name)
         return {"mode": m, "name": name, "id": container_id, "new": new_kinds, "hostname": hostname,
                 "mappings": mappings if m.kind == "bridge" else [], "warning": warning,
-                "via": via, "joined": joined}
+                "via": via, "joined": joined, "joined_netns": joined_netns}
 
     def _owner(self, name: str) -> str:
         """IPAM owner strings carry the lab id, so gc can release a dead lab's addresses."""

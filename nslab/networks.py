@@ -230,10 +230,14 @@ class BridgeNetwork:
                     configured()
                 checkpoint("endpoint.inside")
         except BaseException:
-            if host_ifname:
-                self.host.rtnl.delete_link(ifname=host_ifname)
-                self.host.forget(self._veth_keys.pop(host_ifname, None))
-            self.ipam.release(ip)
+            try:
+                if host_ifname:
+                    try:
+                        self.host.rtnl.delete_link(ifname=host_ifname)
+                    finally:
+                        self.host.forget(self._veth_keys.pop(host_ifname, None))
+            finally:
+                self.ipam.release(ip)        # even if the veth could not be deleted
             raise
         endpoint = Endpoint(self.name, host_ifname, "eth0", interface, self.gateway, netns.identity, owner)
         with self._lock:
@@ -279,7 +283,7 @@ class BridgeNetwork:
             endpoint = self.endpoints.pop(owner, None)
             reserved = self._reserved.pop(owner, None)
         if endpoint is None:
-            if reserved is not None:
+            if reserved is not None and not self.ipam.closed:   # closed: its state is gone already
                 self.ipam.release(reserved)
                 checkpoint("endpoint.released")
             return
@@ -292,7 +296,8 @@ class BridgeNetwork:
                 checkpoint("endpoint.veth_deleted")
             self.host.forget(self._veth_keys.pop(endpoint.host_ifname, None))
         finally:
-            self.ipam.release(endpoint.ip)
+            if not self.ipam.closed:          # closed with the network: its state is gone already
+                self.ipam.release(endpoint.ip)
             checkpoint("endpoint.released")
 
     # --- ownership ----------------------------------------------------------------------
@@ -307,16 +312,27 @@ class BridgeNetwork:
             if self._closed:
                 return
             self._closed = True
+        errors: list[BaseException] = []
         try:
+            # Every endpoint, even after one failed: each one left is a veth on the machine.
             for owner in list(self.endpoints) + list(self._reserved):
-                self.detach(owner)
-            if not self.host.rtnl.closed:
-                self.host.rtnl.request("link", "del", index=self.index, obj=f"bridge {self.bridge}", ignore=GONE)
-                checkpoint("network.bridge_deleted")
-            self.host.forget(self._record_key)
+                try:
+                    self.detach(owner)
+                except BaseException as exc:  # noqa: BLE001 - reported after the rest
+                    errors.append(exc)
         finally:
-            self.ipam.close(remove=True)
-            self.host.forget(self._ipam_key)
+            try:
+                # The bridge goes whatever happened above (its veths go with it).
+                if not self.host.rtnl.closed:
+                    self.host.rtnl.request("link", "del", index=self.index, obj=f"bridge {self.bridge}",
+                                           ignore=GONE)
+                    checkpoint("network.bridge_deleted")
+                self.host.forget(self._record_key)
+            finally:
+                self.ipam.close(remove=True)
+                self.host.forget(self._ipam_key)
+        if errors:
+            raise errors[0]
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self.endpoints)} endpoints"

@@ -881,6 +881,29 @@ def _open_cgroup(cgroup) -> int:
         raise from_errno(exc.errno, "open", f"cgroup {os.fsdecode(cgroup)}") from None
 
 
+def check_spawn_args(argv, *, env=None, cwd=None, pass_fds=(), stdin=None, stdout=None,
+                     stderr=None) -> None:
+    """The checks :meth:`Child.spawn` makes of its arguments, with nothing opened or started:
+    for a caller (the Lab) that wires things before it spawns, so bad input fails first."""
+    argv_b = _check_argv(argv)
+    _env_list(env)
+    _resolve_program(argv_b[0], env)
+    _check_cwd(cwd)
+    _check_pass_fds(pass_fds)
+    for slot, spec, attr in ((0, stdin, "stdin"), (1, stdout, "stdout"), (2, stderr, "stderr")):
+        if not _stdio_spec_ok(slot, spec):
+            raise InputError(attr, "expected None, an fd, a file object, PIPE, DEVNULL"
+                             + (" or STDOUT" if slot == 2 else ""), spec)
+
+
+def _stdio_spec_ok(slot: int, spec) -> bool:
+    if spec is None or hasattr(spec, "fileno"):
+        return True
+    if not isinstance(spec, int) or isinstance(spec, bool):
+        return False
+    return spec in (PIPE, DEVNULL) or spec >= 0 or (slot == 2 and spec == STDOUT)
+
+
 def _stdio_fds(stdin, stdout, stderr, opened: list[int], parent_ends: list) -> list[int]:
     """Turn the three stdio specs into fds for the child; pipes' other ends go to parent_ends."""
     fds = [-1, -1, -1]

@@ -430,3 +430,118 @@ def test_close_from_two_threads_tears_down_once():
         assert errors == [] and lab.closed and c.closed
     finally:
         host_ns.close()
+
+
+# --- found in review: names, races, input, container: owners, host-mode namespaces -----------
+@pytest.mark.root
+def test_two_spawns_of_one_name_leave_the_winner_intact(lab):
+    """Two threads start a container named 'web' at once: one gets Docker's name conflict,
+    and the other's published port, DROP DIRECT ACCESS rule and address are left alone."""
+    import threading
+    from nslab.errors import NslabError
+    for round_ in range(4):
+        barrier, results = threading.Barrier(2), []
+
+        def start():
+            barrier.wait()
+            try:
+                results.append(lab.spawn(["sleep", "30"], name="web", publish=["8080:80"]))
+            except NslabError as exc:
+                results.append(exc)
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        [web] = [r for r in results if not isinstance(r, Exception)]
+        [lost] = [r for r in results if isinstance(r, Exception)]
+        assert isinstance(lost, InputError) and lost.field == "name" and "already in use" in str(lost)
+        pub = lab.firewall.publication("web")
+        assert pub is not None and [m.host_port for m in pub.mappings] == [8080]
+        assert connect_from(lab.host.netns, web.address, 9) == "refused"      # its veth is up
+        assert lab.networks["bridge"].ipam.owner_of(web.address) == lab._owner("web")
+        web.close()
+
+
+@pytest.mark.root
+def test_a_lab_closed_while_a_container_starts_leaves_nothing_running(monkeypatch):
+    """close() runs between the child's start and its registration: the spawn tears the
+    container down and says so, instead of leaving a process the closed lab forgot."""
+    import nslab.lab as lab_module
+    from nslab.errors import NslabError
+    started, real_spawn = [], lab_module.Child.spawn
+
+    class ClosingChild(lab_module.Child):
+        @classmethod
+        def spawn(cls, *args, **kwargs):
+            child = real_spawn(*args, **kwargs)
+            started.append(child.pid)
+            lab.close()
+            return child
+    with Lab() as lab:
+        monkeypatch.setattr(lab_module, "Child", ClosingChild)
+        with pytest.raises(NslabError) as info:
+            lab.spawn(["sleep", "30"], mode="none")
+        assert info.value.errno == errno.EBADF and "closed while" in str(info.value)
+    assert started and not os.path.exists(f"/proc/{started[0]}")
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("bad", [{"cwd": 12}, {"pass_fds": [-5]}, {"stdout": "bogus"},
+                                 {"env": {"A=B": "1"}}])
+def test_bad_spawn_arguments_fail_before_the_bridge_exists(bad):
+    """Every argument Child.spawn would refuse is refused by Lab.spawn before the first
+    bridge and the nftables table are made."""
+    with Lab() as lab:
+        with pytest.raises(InputError) as info:
+            lab.spawn(["true"], **bad)
+        assert info.value.field.split("[")[0] in bad
+        assert lab.networks == {} and lab._firewall is None
+        assert "nslab0" not in links(lab.host.netns)
+
+
+@pytest.mark.root
+def test_container_mode_has_no_address_once_its_owner_is_gone(lab):
+    """After its owner closes, a container: dependant reports no address (its netns has only
+    lo, and the owner's address may be handed to someone else)."""
+    owner = lab.spawn(["sleep", "30"], name="owner")
+    dep = lab.spawn(["sleep", "30"], mode="container:owner")
+    assert dep.address == owner.address
+    owner.close()
+    assert dep.address is None and not dep.owner_alive
+    newcomer = lab.spawn(["sleep", "30"])
+    assert newcomer.address is not None and str(newcomer.address) not in repr(dep)
+
+
+@pytest.mark.root
+def test_host_mode_children_get_their_own_uts_and_ipc_namespaces(lab):
+    """As Docker (which drops UTS only for --uts=host): a host-network child shares the
+    host's netns but not its UTS or IPC namespace, so it cannot rename the machine."""
+    c = lab.spawn(["sleep", "30"], mode="host")
+    assert proc_identity(c.pid, "net") == lab.host.netns.identity
+    for kind in ("uts", "ipc"):
+        assert proc_identity(c.pid, kind) != proc_identity(os.getpid(), kind)
+    out = subprocess.run(["nsenter", "-t", str(c.pid), "-u", "hostname"], capture_output=True, text=True)
+    assert out.stdout.strip() == socket.gethostname()     # a copy of the host's name
+
+
+@pytest.mark.root
+def test_a_failed_endpoint_removal_does_not_stop_the_network_teardown(lab, monkeypatch):
+    """BridgeNetwork.close tries every endpoint and deletes the bridge even if one detach
+    fails, then reports that failure."""
+    from nslab.errors import NslabError
+    a, b = lab.spawn(["sleep", "30"]), lab.spawn(["sleep", "30"])
+    net = lab.networks["bridge"]
+    real_detach, calls = net.detach, []
+
+    def detach(owner):
+        calls.append(owner)
+        if len(calls) == 1:
+            raise NslabError(errno.EIO, "simulated failure")
+        return real_detach(owner)
+    monkeypatch.setattr(net, "detach", detach)
+    a.child.kill()
+    b.child.kill()
+    with pytest.raises(NslabError):
+        net.close()
+    assert len(calls) == 2 and "nslab0" not in links(lab.host.netns)
