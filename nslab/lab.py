@@ -358,13 +358,16 @@ class Lab:
               strict_publish: bool | None = None, cap_drop: Iterable[str] = DEFAULT_CAP_DROP) -> Container:
         """Start ``argv`` as ``docker run --network MODE`` would place it.
 
-        The mode decides the network namespace. As Docker does, every child not in host mode
-        also gets its own UTS namespace (it keeps the host's hostname unless ``hostname`` is
-        given — Docker uses the short id, which it also writes into the container's own
-        /etc/hosts, a file nslab's children share with the host — or its owner's in
-        ``container:`` mode) and IPC namespace. Docker also gives each container its own PID
-        and mount namespaces; nslab's children run the host's programs with no image, so
-        those are opt-in: ``new=("pid", "mnt")``.
+        The mode decides the network namespace. As Docker does, every child (host mode
+        included) also gets its own UTS namespace (it keeps the host's hostname unless
+        ``hostname`` is given — Docker uses the short id, which it also writes into the
+        container's own /etc/hosts, a file nslab's children share with the host — or its
+        owner's in ``container:`` mode) and IPC namespace. Docker also gives each container
+        its own PID and mount namespaces; nslab's children run the host's programs with no
+        image, so those are opt-in: ``new=("pid", "mnt")``. One consequence: closing a
+        container kills the process nslab started, not processes *it* started (Docker kills
+        them all with the container's pid namespace). For a program that forks (a shell
+        script with ``&``, a daemon), pass ``new=("pid",)``: its processes then die with it.
 
         ``cap_drop``: capabilities the child loses before it execs. The default drops
         ``NET_RAW``, so a child cannot forge ARP or router advertisements to its neighbours

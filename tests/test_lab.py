@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -545,3 +546,34 @@ def test_a_failed_endpoint_removal_does_not_stop_the_network_teardown(lab, monke
     with pytest.raises(NslabError):
         net.close()
     assert len(calls) == 2 and "nslab0" not in links(lab.host.netns)
+
+
+@pytest.mark.root
+def test_with_a_pid_namespace_a_containers_own_children_die_with_it(lab):
+    """The documented way to have a forking program's processes go with its container:
+    new=('pid',) (as Docker's pid namespace does)."""
+    c = lab.spawn(["sh", "-c", "sleep 300 & wait"], new=("pid",), stdout=subprocess.PIPE)
+    deadline = time.monotonic() + 5
+    grand = []
+    while not grand and time.monotonic() < deadline:
+        grand = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == c.pid]
+    assert grand, "the shell never started its sleep"
+    c.close()
+    time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in grand)
+
+
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
