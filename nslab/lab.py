@@ -319,8 +319,11 @@ class Lab:
 
     # --- networks -----------------------------------------------------------------------
     def network(self, name: str = _modes.DEFAULT_NETWORK, *, subnet=None) -> BridgeNetwork:
-        """The bridge network ``name``, created on first use (``docker network create``)."""
+        """The bridge network ``name``, created on first use (``docker network create``).
+        ``"default"`` is Docker's other name for the default bridge network."""
         self._check_open()
+        if name == "default":
+            name = _modes.DEFAULT_NETWORK
         if name != _modes.DEFAULT_NETWORK:
             check_network_name(name)           # before it is used as a key
         with self._lock:
@@ -463,7 +466,10 @@ class Lab:
             raise InputError("new", "expected namespace kinds, e.g. ('pid', 'mnt')", new)
         new_kinds = []
         for k in new:
-            kind = kind_of(k).name
+            try:
+                kind = kind_of(k).name
+            except InputError as exc:
+                raise InputError("new", f"unknown namespace kind: {exc}", k) from None
             if kind == "net":
                 raise InputError("new", "the network namespace is decided by the mode, not by new=", k)
             if kind not in new_kinds:

@@ -577,3 +577,11 @@ def _state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None
+
+
+@pytest.mark.root
+def test_default_is_the_default_bridge_and_bad_kinds_name_new(lab):
+    assert lab.network("default") is lab.network()
+    with pytest.raises(InputError) as info:
+        lab.spawn(["true"], new=["bogus"])
+    assert info.value.field == "new"
