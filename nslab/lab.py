@@ -385,22 +385,24 @@ class Lab:
         env = check_env(env)
         caps_mask(cap_drop, "cap_drop")
         # Every check of Child.spawn too: the wiring below makes the bridge and table first.
-        check_spawn_args(argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdin=stdin, stdout=stdout,
-                         stderr=stderr)
+        executable = check_spawn_args(argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdin=stdin,
+                                      stdout=stdout, stderr=stderr)
         plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
         try:
-            return self._start(plan, argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=stderr,
-                               pass_fds=tuple(pass_fds), cap_drop=cap_drop)
+            return self._start(plan, argv, executable, env=env, cwd=cwd, stdin=stdin, stdout=stdout,
+                               stderr=stderr, pass_fds=tuple(pass_fds), cap_drop=cap_drop)
         finally:
             self._release_name(plan)
 
-    def _start(self, plan: dict, argv, *, env, cwd, stdin, stdout, stderr, pass_fds, cap_drop) -> Container:
+    def _start(self, plan: dict, argv, executable: bytes, *, env, cwd, stdin, stdout, stderr, pass_fds,
+               cap_drop) -> Container:
         wiring = _Wiring(self, plan)
         try:
             child = Child.spawn(argv, new=wiring.new, join=wiring.join, env=env, cwd=cwd,
                                 hostname=plan["hostname"], stdin=stdin, stdout=stdout, stderr=stderr,
                                 pass_fds=pass_fds, before_exec=wiring.before_exec_if_needed,
-                                caps_drop=cap_drop, setup=wiring.setup, meanwhile=wiring.meanwhile)
+                                caps_drop=cap_drop, setup=wiring.setup, meanwhile=wiring.meanwhile,
+                                executable=executable)
             checkpoint("lab.spawned")
         except BaseException:
             wiring.close()

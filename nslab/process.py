@@ -214,11 +214,12 @@ class Child:
               caps_drop: Iterable[str] = (),
               setup: "ChildSetup | None" = None,
               meanwhile: "Callable[[], None] | None" = None,
+              executable: "str | bytes | None" = None,
               _trampoline_flags: int = 0) -> "Child":
         """Start ``argv`` in the namespaces ``new`` creates and ``join`` enters.
 
         ``argv[0]`` is looked up in ``PATH`` (of ``env``, else ours) here, in the parent's
-        mount namespace, unless it contains a ``/``. ``hostname`` needs a new or joined uts
+        mount namespace, unless it contains a ``/`` or ``executable`` (a path) is given. ``hostname`` needs a new or joined uts
         namespace (so it can never rename the host). ``pass_fds`` survive with their numbers;
         every other fd except 0-2 is closed in the child, inheritable or not. ``cgroup`` (a
         cgroup v2 directory or an fd of one) starts the child in that cgroup. ``caps_drop``
@@ -240,7 +241,7 @@ class Child:
         kinds = _check_new(new)
         joins = _check_join(join, kinds)
         env_b = _env_list(env)
-        path = _resolve_program(argv_b[0], env)
+        path = _resolve_program(argv_b[0], env) if executable is None else _check_executable(executable)
         if hostname is not None:
             if not isinstance(hostname, str) or not 0 < len(hostname.encode()) <= 64:
                 raise InputError("hostname", "must be 1-64 bytes", hostname)
@@ -857,6 +858,15 @@ def _env_list(env) -> list[bytes]:
     return out
 
 
+def _check_executable(value) -> bytes:
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise InputError("executable", "expected a path", value)
+    raw = os.fsencode(value)
+    if not raw or b"\0" in raw:
+        raise InputError("executable", "a path is non-empty and has no NUL byte", value)
+    return raw
+
+
 def _resolve_program(name: bytes, env) -> bytes:
     """execvp's PATH search, done here so the C side only ever calls execve."""
     if b"/" in name:
@@ -882,18 +892,21 @@ def _open_cgroup(cgroup) -> int:
 
 
 def check_spawn_args(argv, *, env=None, cwd=None, pass_fds=(), stdin=None, stdout=None,
-                     stderr=None) -> None:
+                     stderr=None) -> bytes:
     """The checks :meth:`Child.spawn` makes of its arguments, with nothing opened or started:
-    for a caller (the Lab) that wires things before it spawns, so bad input fails first."""
+    for a caller (the Lab) that wires things before it spawns, so bad input fails first.
+    Returns the program's path (``executable=`` for spawn, which then skips the PATH walk)."""
     argv_b = _check_argv(argv)
-    _env_list(env)
-    _resolve_program(argv_b[0], env)
+    if env is not None:
+        _env_list(env)
+    path = _resolve_program(argv_b[0], env)
     _check_cwd(cwd)
     _check_pass_fds(pass_fds)
     for slot, spec, attr in ((0, stdin, "stdin"), (1, stdout, "stdout"), (2, stderr, "stderr")):
         if not _stdio_spec_ok(slot, spec):
             raise InputError(attr, "expected None, an fd, a file object, PIPE, DEVNULL"
                              + (" or STDOUT" if slot == 2 else ""), spec)
+    return path
 
 
 def _stdio_spec_ok(slot: int, spec) -> bool:

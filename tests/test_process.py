@@ -886,3 +886,13 @@ def test_setup_in_a_new_user_namespace_is_refused():
         Child.spawn(["true"], new=("user", "net"),
                     setup=ChildSetup().write_sysctl("net/ipv4/ip_forward", "1"))
     assert info.value.field == "setup"
+
+
+def test_executable_runs_that_path_and_keeps_argv0():
+    """executable= (a resolved path, as Lab.spawn passes after its own checks) skips the PATH
+    walk; argv[0] stays what the caller gave, as with subprocess."""
+    with Child.spawn(["nslab-named", "-c", 'echo "$0"'], new=(), executable="/bin/sh", stdout=PIPE) as c:
+        assert c.stdout.read() == b"nslab-named\n" and c.wait() == 0
+    with pytest.raises(InputError) as info:
+        Child.spawn(["true"], new=(), executable=b"")
+    assert info.value.field == "executable"
