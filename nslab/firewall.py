@@ -40,9 +40,13 @@ Publishing backends, per Firewall (``published_via``) or per ``publish(via=...)`
 
 Port reservation works as in Docker 28+: nslab binds each host port itself, in the host
 netns, and holds it for the life of the publication (TCP sockets listen; the proxy serves
-that very socket). A port that is already published, or bound by anything else, raises
-:class:`~nslab.errors.PortAllocatedError` with Docker's text ``Bind for 0.0.0.0:8080
-failed: port is already allocated``, and says who holds it.
+that very socket). Either refusal raises :class:`~nslab.errors.PortAllocatedError` and says
+who holds the port. A port another nslab publication has is refused with the text of
+Docker's own port allocator, ``Bind for 0.0.0.0:8080 failed: port is already allocated``.
+A port bound by another process fails at ``bind(2)``; nslab then reports ``failed to bind
+host port 0.0.0.0:8080/tcp: address already in use``, in the shape of moby's bind error
+(``"failed to bind host port %s/%s: %w"``, ``daemon/libnetwork/portallocator/
+osallocator_linux.go``): the text is nslab's, as Docker's exact wording varies by release.
 
 Atomicity: each ``add_network``/``publish``/``unpublish`` is one nfnetlink batch: all rules
 or none. Ports are bound before the batch and released if it fails; proxies start after it
@@ -172,7 +176,9 @@ class Firewall:
         self._pubs: dict[str, Publication] = {}
         self._ports: dict[tuple[str, int], list[tuple[str, str]]] = {}   # (proto, port) -> [(ip, key)]
         self._saved_brnf: str | None = None
-        self._brnf_users: set[str] = set()
+        # Who needs bridge-nf-call-iptables: ("network", bridge) or ("publication", key), so a
+        # publication keyed like a bridge never releases the bridge's claim.
+        self._brnf_users: set[tuple[str, str]] = set()
         # Our own handle on the namespace: the caller may close theirs; proxies need it.
         self._ns = Namespace.from_fd(host_ns.fileno(), "net")
         self.ns_description = host_ns.description
@@ -276,17 +282,24 @@ class Firewall:
                            saved_route_localnet=saved)
             self._networks[bridge] = net
             if self.hairpin:
-                self._brnf_acquire(bridge)
+                self._brnf_acquire(("network", bridge))
 
     def remove_network(self, bridge: str) -> None:
         """Remove ``bridge``'s chains and map entries (and whatever is still published on it).
-        Idempotent: an unknown bridge is not an error."""
+        Idempotent: an unknown bridge is not an error. Every publication is attempted; the
+        first failure is raised once the network is gone."""
         with self._lock:
             net = self._networks.get(bridge)
             if net is None:
                 return
+            # Every publication gets its teardown even if one fails (moby's unmapPBs does
+            # the same); the first error is raised once the network is gone too.
+            first: BaseException | None = None
             for key in list(net.keys):
-                self.unpublish(key)
+                try:
+                    self.unpublish(key)
+                except Exception as exc:    # noqa: BLE001 - re-raised below
+                    first = first or exc
             b = Batch(self.table)
             # Map entries first: a chain that a verdict map still jumps to cannot go (EBUSY).
             for vmap in (FWD_IN_MAP, FWD_OUT_MAP, POST_IN_MAP, POST_OUT_MAP):
@@ -298,14 +311,16 @@ class Firewall:
                     self._nf.commit(b)
             except NslabError as exc:
                 if exc.errno != errno.ENOENT:
-                    raise
+                    first = first or exc
             finally:
                 del self._networks[bridge]
                 checkpoint("firewall.network_removed")
                 if net.saved_route_localnet is not None:
                     self._write_sysctl(_route_localnet_path(bridge), net.saved_route_localnet,
                                        missing_ok=True)
-                self._brnf_release(bridge)
+                self._brnf_release(("network", bridge))
+            if first is not None:
+                raise first
 
     @property
     def networks(self) -> dict[str, ipaddress.IPv4Network]:
@@ -402,16 +417,17 @@ class Firewall:
                 if exc.errno != errno.EADDRINUSE:
                     raise from_errno(exc.errno, "bind", f"{ip}:{port}/{m.proto} in netns "
                                      f"{self.ns_description}") from None
-                last = _allocated(ip, port, m.proto, find_port_holder(self._ns, m.proto, port))
+                last = _bind_in_use(ip, port, m.proto, find_port_holder(self._ns, m.proto, port))
                 continue
             port = sock.getsockname()[1]
             self._ports.setdefault((m.proto, port), []).append((ip, key))
             return sock, dataclasses.replace(m, host_port=port, host_port_end=None)
         if m.host_port_end is not None:
             raise PortAllocatedError(
-                f"Bind for {ip}:{m.host_port}-{m.host_port_end} failed: port is already "
-                f"allocated (every port of the range is taken)", holder=None,
-                syscall="bind", obj=f"{ip}:{m.host_port}-{m.host_port_end}/{m.proto}")
+                f"no free host port in {ip}:{m.host_port}-{m.host_port_end}/{m.proto}: every "
+                f"port of the range is published or bound already", holder=None,
+                syscall="bind", obj=f"{ip}:{m.host_port}-{m.host_port_end}/{m.proto}",
+                hint="free a port of the range, or publish a wider one")
         assert last is not None
         raise last
 
@@ -494,11 +510,13 @@ class Firewall:
         checkpoint("firewall.rules")
         pub.rules = [(chain, handles[i]) for chain, i in indexes]
         if nat:
+            # A nat user before the sysctl write: if it fails, _discard takes this batch's
+            # "MASQUERADE FROM HOST" out again (else it stays, and the next one adds another).
+            net.nat_keys.add(pub.key)
             if masq_index is not None:
                 net.hairpin_handle = handles[masq_index]
                 net.saved_route_localnet = self._set_route_localnet(br)
-            net.nat_keys.add(pub.key)
-            self._brnf_acquire(pub.key)
+            self._brnf_acquire(("publication", pub.key))
 
     def _start_proxies(self, pub: Publication) -> None:
         if pub.via not in ("docker", "proxy"):
@@ -556,7 +574,7 @@ class Firewall:
                     self._write_sysctl(_route_localnet_path(net.bridge), net.saved_route_localnet,
                                        missing_ok=True)
                     net.saved_route_localnet = None
-            self._brnf_release(pub.key)
+            self._brnf_release(("publication", pub.key))
         for sock, m in zip(pub.sockets, pub.mappings):
             held = self._ports.get((m.proto, m.host_port), [])
             if (m.bind_ip, pub.key) in held:
@@ -605,7 +623,7 @@ class Firewall:
         self._write_sysctl(path, "1")
         return saved
 
-    def _brnf_acquire(self, user: str) -> None:
+    def _brnf_acquire(self, user: tuple[str, str]) -> None:
         """bridge-nf-call-iptables=1 while any nat-backend publication or network needs it:
         replies between two children of one bridge are bridged, and only br_netfilter makes
         them cross conntrack to be un-DNATed (dockerd sets it when the proxy is off)."""
@@ -618,7 +636,7 @@ class Firewall:
                 self._saved_brnf = None       # no br_netfilter: hairpin between siblings fails
         self._brnf_users.add(user)
 
-    def _brnf_release(self, user: str) -> None:
+    def _brnf_release(self, user: tuple[str, str]) -> None:
         if user not in self._brnf_users:
             return
         self._brnf_users.discard(user)
@@ -629,25 +647,37 @@ class Firewall:
 
     # --- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Unpublish everything, remove the networks and the table. Idempotent."""
+        """Unpublish everything, remove the networks and the table. Idempotent. Every step
+        is attempted; the first failure is raised once the table and socket are gone."""
         with self._lock:
             if self._nf is None:
                 return
+            # Attempt every step even if one fails: a failed unpublish must not leave the
+            # later publications' proxies and ports behind. The first error is raised last.
+            first: BaseException | None = None
             try:
                 for key in list(self._pubs):
-                    self.unpublish(key)
+                    try:
+                        self.unpublish(key)
+                    except Exception as exc:    # noqa: BLE001 - re-raised below
+                        first = first or exc
                 for bridge in list(self._networks):
-                    self.remove_network(bridge)
+                    try:
+                        self.remove_network(bridge)
+                    except Exception as exc:    # noqa: BLE001 - re-raised below
+                        first = first or exc
                 b = Batch(self.table)
                 b.del_table()
                 try:
                     self._nf.commit(b)
                 except NslabError as exc:
                     if exc.errno != errno.ENOENT:
-                        raise
+                        first = first or exc
             finally:
                 self._release()
                 checkpoint("firewall.closed")
+            if first is not None:
+                raise first
 
     def _release(self) -> None:
         nf, self._nf = self._nf, None
@@ -691,10 +721,20 @@ def _check_ifname(name: object, field: str) -> str:
 
 
 def _allocated(ip: str, port: int, proto: str, holder: str | None) -> PortAllocatedError:
-    # Docker's words, then who holds it (Docker cannot say; nslab can).
+    # Another nslab publication has it: the words of Docker's allocator (portallocator.go
+    # alreadyAllocatedErr), then who holds it (Docker cannot say; nslab can).
     return PortAllocatedError(f"Bind for {ip}:{port} failed: port is already allocated",
                               holder=holder, syscall="bind", obj=f"{ip}:{port}/{proto}",
                               hint=f"held by {holder}" if holder else None)
+
+
+def _bind_in_use(ip: str, port: int, proto: str, holder: str | None) -> PortAllocatedError:
+    # Another process has it: bind(2) said EADDRINUSE. Moby's shape for that failure, not
+    # its allocator's words (those are for its own publications only).
+    return PortAllocatedError(f"failed to bind host port {ip}:{port}/{proto}: address already "
+                              f"in use", holder=holder, syscall="bind", obj=f"{ip}:{port}/{proto}",
+                              hint=f"held by {holder}: stop it or publish another host port"
+                              if holder else "stop whatever holds it or publish another host port")
 
 
 def find_port_holder(ns: Namespace, proto: str, port: int) -> str | None:

@@ -35,7 +35,10 @@ kernel, never copied to Python (istio/ztunnel PR #170 measured 12 -> 36 Gb/s for
 change). Each direction is one thread blocked in ``os.splice`` (the GIL is released) with a
 1 MiB pipe (``F_SETPIPE_SZ``). UDP keeps a flow table: one connected socket per client
 address, so replies find their way back; flows idle for ``--udp-timeout`` seconds (90 s,
-docker-proxy's ``UDPConnTrackTimeout``) are dropped.
+docker-proxy's ``UDPConnTrackTimeout``) are dropped. At start the proxy raises its soft
+``RLIMIT_NOFILE`` to the hard limit (Go 1.19+ does so for docker-proxy) and caps the flow
+table below that fd budget; a datagram whose flow socket cannot be made is dropped, and a
+connection whose pipe or thread cannot be made is closed: the proxy itself keeps serving.
 
 Where a TCP proxy's time goes (perf, bulk transfer): not into Python — one ``splice`` moves up
 to 1 MiB, user time is ~0, and a C relay on epoll measured no faster — but into the kernel's
@@ -52,6 +55,7 @@ import argparse
 import errno
 import fcntl
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -66,6 +70,7 @@ __all__ = ["UserlandProxy", "main", "PIPE_SIZE", "UDP_TIMEOUT"]
 PIPE_SIZE = 1 << 20                 # the default /proc/sys/fs/pipe-max-size
 UDP_TIMEOUT = 90.0                  # docker-proxy's UDPConnTrackTimeout
 UDP_MAX_FLOWS = 1024                # bounds the flow table: the least recently used flow goes
+FD_RESERVE = 16                     # fds kept free beyond the flow sockets (selector, stray fds)
 CONNECT_TIMEOUT = 10.0
 READY_TIMEOUT = 10.0
 _SPLICE_FLAGS = os.SPLICE_F_MOVE   # never SPLICE_F_MORE: it corks small writes (Nagle-like stalls)
@@ -257,8 +262,10 @@ def _big_pipe() -> tuple[int, int]:
 
 def _pump(src: socket.socket, dst: socket.socket, done: Callable[[], None]) -> None:
     """Move bytes src -> dst with splice until EOF or an error; half-close dst on EOF."""
-    r, w = _big_pipe()
+    r = w = -1
     try:
+        # Inside the try: without a pipe (EMFILE) the connection must end, not hang half-open.
+        r, w = _big_pipe()
         size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
         s_fd, d_fd = src.fileno(), dst.fileno()
         while True:
@@ -279,8 +286,9 @@ def _pump(src: socket.socket, dst: socket.socket, done: Callable[[], None]) -> N
             except OSError:
                 pass
     finally:
-        os.close(r)
-        os.close(w)
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
         done()
 
 
@@ -305,7 +313,12 @@ def _serve_tcp_conn(client: socket.socket, target: tuple[str, int]) -> None:
             client.close()
             upstream.close()
 
-    threading.Thread(target=_pump, args=(upstream, client, done), daemon=True).start()
+    try:
+        threading.Thread(target=_pump, args=(upstream, client, done), daemon=True).start()
+    except RuntimeError:                      # "can't start new thread": drop this connection
+        client.close()
+        upstream.close()
+        return
     _pump(client, upstream, done)
 
 
@@ -325,11 +338,34 @@ def _run_tcp(listener: socket.socket, target: tuple[str, int], sel: selectors.Ba
                     if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         time.sleep(0.05)      # out of fds: back off, keep the listener
                     break
-                threading.Thread(target=_serve_tcp_conn, args=(conn, target), daemon=True).start()
+                try:
+                    threading.Thread(target=_serve_tcp_conn, args=(conn, target),
+                                     daemon=True).start()
+                except RuntimeError:          # "can't start new thread": this client only
+                    conn.close()
+
+
+def _raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit, as Go's ``os`` package does at start since Go
+    1.19 (so docker-proxy runs with it); returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass                              # keep the soft limit; the flow cap follows it
+    return soft
+
+
+def _udp_flow_cap(fd_limit: int) -> int:
+    """How many UDP flows fit in the fd budget: one socket each, beside the fds open now."""
+    in_use = len(os.listdir("/proc/self/fd"))
+    return max(1, min(UDP_MAX_FLOWS, fd_limit - in_use - FD_RESERVE))
 
 
 def _run_udp(listener: socket.socket, target: tuple[str, int], sel: selectors.BaseSelector,
-             timeout: float) -> None:
+             timeout: float, max_flows: int = UDP_MAX_FLOWS) -> None:
     listener.setblocking(False)
     sel.register(listener, selectors.EVENT_READ, "listener")
     flows: dict[tuple, list] = {}             # client addr -> [socket, last activity]
@@ -349,13 +385,22 @@ def _run_udp(listener: socket.socket, target: tuple[str, int], sel: selectors.Ba
                         break
                     flow = flows.get(client)
                     if flow is None:
-                        if len(flows) >= UDP_MAX_FLOWS:
+                        if len(flows) >= max_flows:
                             oldest = min(flows, key=lambda c: flows[c][1])
                             sel.unregister(flows[oldest][0])
                             flows.pop(oldest)[0].close()
-                        up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                        up.setblocking(False)
-                        up.connect(target)
+                        up = None
+                        try:
+                            up = socket.socket(socket.AF_INET,
+                                               socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                            up.setblocking(False)
+                            up.connect(target)
+                        except OSError:
+                            # EMFILE, ENETUNREACH...: drop this datagram, as docker-proxy
+                            # does; the port keeps serving the flows it has.
+                            if up is not None:
+                                up.close()
+                            continue
                         flow = flows[client] = [up, now]
                         sel.register(up, selectors.EVENT_READ, ("flow", client))
                     flow[1] = time.monotonic()
@@ -408,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         kind = socket.SOCK_STREAM if args.proto == "tcp" else socket.SOCK_DGRAM
         listener = socket.socket(socket.AF_INET, kind, fileno=args.listen_fd)
         target = _parse_target(args.target)
+        fd_limit = _raise_fd_limit()
         sel = selectors.DefaultSelector()
         # stdin is the control pipe: EOF (owner closed it, or died) means stop.
         sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "control")
@@ -421,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.proto == "tcp":
         _run_tcp(listener, target, sel)
     else:
-        _run_udp(listener, target, sel, args.udp_timeout)
+        _run_udp(listener, target, sel, args.udp_timeout, _udp_flow_cap(fd_limit))
     # os._exit: pump threads may be blocked in splice; there is nothing to flush or unwind.
     os._exit(0)
 

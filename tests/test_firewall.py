@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import pathlib
+import resource
 import shutil
 import signal
 import socket
@@ -33,7 +34,8 @@ import pytest
 from nslab import _nft
 from nslab._conntrack import Conntrack, Entry
 from nslab._netlink import NETLINK_NETFILTER, Rtnl, socket_in
-from nslab.errors import InputError, NslabError, PortAllocatedError
+from nslab import proxy as proxy_module
+from nslab.errors import InputError, NslabError, PortAllocatedError, from_errno
 from nslab.firewall import Firewall, find_port_holder
 from nslab.namespaces import Namespace
 from nslab.proxy import UserlandProxy
@@ -451,7 +453,8 @@ def test_port_already_published_is_refused_with_dockers_message(box):
 
 
 def test_port_bound_by_another_process_names_it(box):
-    """A host port held by a foreign process is refused, naming its pid and command."""
+    """A host port held by a foreign process is refused as the bind failure it is (not with
+    the allocator's words Docker keeps for its own publications), naming its pid and command."""
     fd = box.host.fileno()
     code = ("import socket,sys; s=socket.socket(); s.bind(('0.0.0.0', 8099)); s.listen();"
             "print('ready', flush=True); sys.stdin.read()")
@@ -462,10 +465,17 @@ def test_port_bound_by_another_process_names_it(box):
         with firewall(box) as fw:
             with pytest.raises(PortAllocatedError) as info:
                 fw.publish("c1", "nslab0", C1, "8099:80")
-            assert "Bind for 0.0.0.0:8099 failed: port is already allocated" in str(info.value)
+            assert "failed to bind host port 0.0.0.0:8099/tcp: address already in use" in \
+                str(info.value)
+            assert "already allocated" not in str(info.value)
             assert info.value.holder.startswith(f"pid {holder.pid} (")
             assert "sys.stdin.read()" in info.value.holder
-            assert fw.publications == {}
+            fw.publish("c2", "nslab0", C2, "8098:80")
+            with pytest.raises(PortAllocatedError) as info:                # nslab's + foreign
+                fw.publish("c1", "nslab0", C1, "8098-8099:80")
+            assert "no free host port in 0.0.0.0:8098-8099/tcp" in str(info.value)
+            assert "already allocated" not in str(info.value)
+            assert list(fw.publications) == ["c2"]
         assert find_port_holder(box.host, "tcp", 8098) is None
     finally:
         holder.stdin.close()
@@ -529,6 +539,77 @@ def test_nat_backend_restores_its_sysctls(box):
         assert read_sysctl(box.host, "net/bridge/bridge-nf-call-iptables") == "1"
     assert read_sysctl(box.host, "net/ipv4/conf/nslab0/route_localnet") == "0"
     assert read_sysctl(box.host, "net/bridge/bridge-nf-call-iptables") == brnf
+
+
+def test_a_publication_keyed_like_a_bridge_keeps_the_bridges_sysctl(box):
+    """bridge-nf-call-iptables stays on while the hairpin network needs it, even after a
+    publication whose key is that bridge's name is unpublished."""
+    path = "net/bridge/bridge-nf-call-iptables"
+    saved = read_sysctl(box.host, path)
+    write_sysctl(box.host, path, "0")                   # the sandbox host's, so a change shows
+    try:
+        with firewall(box, "nat", networks=("nslab0",)) as fw:
+            fw.publish("nslab0", "nslab0", C1, "8080:80")
+            fw.unpublish("nslab0")
+            assert read_sysctl(box.host, path) == "1"   # the network nslab0 still needs it
+        assert read_sysctl(box.host, path) == "0"
+    finally:
+        write_sysctl(box.host, path, saved)
+
+
+def test_a_failed_route_localnet_write_takes_its_hairpin_rule_out(box, monkeypatch):
+    """If route_localnet cannot be set after the batch, the "MASQUERADE FROM HOST" that batch
+    added goes with the rest of the publication: a later nat publish has exactly one."""
+    with firewall(box, networks=("nslab0",)) as fw:     # docker table: that rule comes lazily
+        before = ruleset(box.host)
+        real, refuse = fw._write_sysctl, [True]
+
+        def write(path, value, missing_ok=False):
+            if refuse[0] and path.endswith("/route_localnet"):
+                raise from_errno(errno.EACCES, "write", path)
+            real(path, value, missing_ok)
+        monkeypatch.setattr(fw, "_write_sysctl", write)
+        with pytest.raises(PermissionError):
+            fw.publish("c1", "nslab0", C1, "8080:80", via="nat")
+        assert ruleset(box.host) == before and fw.publications == {}
+        refuse[0] = False
+        fw.publish("c1", "nslab0", C1, "8080:80", via="nat")
+        assert nft(box.host, "list", "ruleset").count('"MASQUERADE FROM HOST"') == 1
+        assert ask(box.outside, HOST_UPLINK, 8080) == OUTSIDE
+
+
+@pytest.mark.parametrize("teardown", ["close", "remove_network"])
+def test_teardown_goes_on_past_a_failing_unpublish(box, monkeypatch, teardown):
+    """close() and remove_network() tear down every publication even when one fails, finish
+    their own work, then raise that first error: no proxy or held port is left behind."""
+    fw = Firewall(box.host)
+    try:
+        fw.add_network("nslab0", "172.17.0.0/16")
+        fw.publish("c1", "nslab0", C1, "8080:80")
+        fw.publish("c2", "nslab0", C2, "8081:80")
+        pids = [p.pid for key in ("c1", "c2") for p in fw.publication(key).proxies]
+        real = fw._flush_udp_conntrack
+
+        def flush(pub):
+            if pub.key == "c1":
+                raise from_errno(errno.EIO, "ctnetlink delete", "c1's entries")
+            real(pub)
+        monkeypatch.setattr(fw, "_flush_udp_conntrack", flush)
+        with pytest.raises(NslabError) as info:
+            if teardown == "close":
+                fw.close()
+            else:
+                fw.remove_network("nslab0")
+        assert info.value.errno == errno.EIO
+        assert fw.publications == {} and fw.networks == {}
+        assert not any(alive(p) for p in pids)
+        assert port_free(box.host, "tcp", 8080) and port_free(box.host, "tcp", 8081)
+        if teardown == "close":
+            assert fw.closed and ruleset(box.host) == []
+        else:
+            assert "nslab0" not in nft(box.host, "list", "ruleset")
+    finally:
+        fw.close()
 
 
 CONTROLLER = """
@@ -709,6 +790,108 @@ def test_udp_proxy_expires_idle_flows(box):
         while sockets() > idle and time.monotonic() < deadline:
             time.sleep(0.05)
         assert sockets() == idle
+
+
+def with_prelude(monkeypatch, prelude):
+    """Proxies start as ``python -c PRELUDE`` and then run main(): the prelude alters the
+    proxy process (its limits, a call that fails) before any of its own code runs."""
+    real = proxy_module._spawn
+    code = f"{prelude}\nimport sys\nfrom nslab.proxy import main\nsys.exit(main(sys.argv[1:]))\n"
+
+    def spawn(argv, *rest):
+        assert argv[1:3] == ["-m", "nslab.proxy"]
+        return real([argv[0], "-c", code, *argv[3:]], *rest)
+    monkeypatch.setattr(proxy_module, "_spawn", spawn)
+
+
+def nofile_limits(pid):
+    """(soft, hard) RLIMIT_NOFILE of ``pid``."""
+    with open(f"/proc/{pid}/limits") as f:
+        [line] = [x for x in f if x.startswith("Max open files")]
+    return tuple(int(v) for v in line.split()[3:5])
+
+
+def test_udp_proxy_raises_its_fd_limit_and_caps_flows_below_it(box, monkeypatch):
+    """Started with a soft fd limit below the hard one, the UDP proxy raises it to the hard
+    one (as Go does for docker-proxy) and keeps its flow table below that budget: more
+    clients than it has fds all get their answer."""
+    with_prelude(monkeypatch, "import resource; "
+                 "resource.setrlimit(resource.RLIMIT_NOFILE, (32, 128))")
+    sock = socket_in(box.host, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    sock.bind(("127.0.0.1", 5301))
+    with UserlandProxy.start(box.host, sock, "udp", (C1, 53)) as proxy:
+        sock.close()
+        assert nofile_limits(proxy.pid) == (128, 128)
+        for _ in range(140):                             # one flow each, the oldest evicted
+            assert ask_udp(box.host, "127.0.0.1", 5301, timeout=0.5).split()[0] == GW0
+        assert proxy.running
+
+
+def test_udp_proxy_survives_running_out_of_fds(box):
+    """A flow socket the proxy cannot make (EMFILE) costs that datagram only: the proxy
+    lives on, its existing flows still answer, and so does a fresh client once fds are back."""
+    sock = socket_in(box.host, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    sock.bind(("127.0.0.1", 5302))
+    client = socket_in(box.host, socket.AF_INET, socket.SOCK_DGRAM, 0)
+    client.settimeout(1)
+    with client, UserlandProxy.start(box.host, sock, "udp", (C1, 53)) as proxy:
+        sock.close()
+        client.sendto(b"a", ("127.0.0.1", 5302))
+        assert client.recv(100).split()[0] == GW0.encode()
+        limits = resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, (0, limits[1]))   # no new fd
+        with pytest.raises(TimeoutError):
+            ask_udp(box.host, "127.0.0.1", 5302, timeout=0.2)                 # dropped
+        assert proxy.running
+        client.sendto(b"b", ("127.0.0.1", 5302))
+        assert client.recv(100).split()[0] == GW0.encode()                   # its flow lives
+        resource.prlimit(proxy.pid, resource.RLIMIT_NOFILE, limits)
+        assert ask_udp(box.host, "127.0.0.1", 5302).split()[0] == GW0
+
+
+def test_proxy_pump_without_a_pipe_ends_the_connection(monkeypatch):
+    """If its splice pipe cannot be made (EMFILE), a pump ends the connection both ways and
+    reports done, instead of leaving it half-forwarded."""
+    def no_pipe():
+        raise OSError(errno.EMFILE, "Too many open files")
+    monkeypatch.setattr(proxy_module, "_big_pipe", no_pipe)
+    (src, src_peer), (dst, dst_peer) = socket.socketpair(), socket.socketpair()
+    done = []
+    with src, src_peer, dst, dst_peer:
+        proxy_module._pump(src, dst, lambda: done.append(True))
+        assert done == [True]
+        for peer in (src_peer, dst_peer):
+            peer.settimeout(1)
+            assert peer.recv(1) == b""
+
+
+FAILING_THREADS = """
+import threading
+_start, _failed = threading.Thread.start, set()
+def start(self):
+    name = getattr(self._target, "__name__", "")
+    if name in ("_serve_tcp_conn", "_pump") and name not in _failed:
+        _failed.add(name)
+        raise RuntimeError("can't start new thread")
+    _start(self)
+threading.Thread.start = start
+"""
+
+
+def test_tcp_proxy_keeps_serving_when_a_thread_cannot_start(box, monkeypatch):
+    """"can't start new thread" closes that one connection (first for a connection's own
+    thread, then for its second pump); the proxy keeps accepting and serves the next one."""
+    with_prelude(monkeypatch, FAILING_THREADS)
+    stack, proxy = proxied(box, 80)
+    with stack:
+        for _ in range(2):
+            with connect_outside(box, timeout=3) as s:
+                try:
+                    assert s.recv(100) == b""            # closed, not left hanging
+                except ConnectionResetError:
+                    pass
+        assert proxy.running
+        assert ask(box.outside, HOST_UPLINK, 8081) == GW0
 
 
 def test_proxy_fallback_without_the_process_module(box, monkeypatch):
