@@ -87,7 +87,8 @@ class ResourceExhaustedError(NslabError):
 
 
 class PortAllocatedError(NslabError):
-    """A host port is already published or bound (Docker: ``port is already allocated``)."""
+    """A host port is already published (Docker's allocator: ``port is already allocated``) or
+    bound by another process (Docker: ``failed to bind host port ...: address already in use``)."""
 
     def __init__(self, message: str, *, holder: str | None = None, **kwargs):
         super().__init__(_errno.EADDRINUSE, message, **kwargs)
