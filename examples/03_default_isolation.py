@@ -11,6 +11,7 @@ What this script does, in a sandbox (the machine's own network is not touched):
 
 Run:  sudo python3 examples/03_default_isolation.py
 """
+import errno
 import os
 import socket
 import sys
@@ -25,13 +26,15 @@ SERVER = ("import socket\n"
 
 
 def visit(address: str, port: int) -> dict:
-    """Runs inside the second container: where am I, and can I reach address:port?"""
+    """Runs inside the second container: where am I, and can I reach address:port?
+    ``error`` is the errno name when the connection failed (ECONNREFUSED: a reset came back)."""
     me = os.stat("/proc/self/ns/net").st_ino
     try:
         with socket.create_connection((address, port), timeout=2) as s:
-            return {"netns": me, "answer": s.recv(100).decode().strip()}
+            return {"netns": me, "answer": s.recv(100).decode().strip(), "error": None}
     except OSError as exc:
-        return {"netns": me, "answer": f"failed: {exc}"}
+        name = "ETIMEDOUT" if isinstance(exc, TimeoutError) else errno.errorcode.get(exc.errno, str(exc.errno))
+        return {"netns": me, "answer": f"failed: {exc}", "error": name}
 
 
 def main() -> int:
@@ -64,9 +67,15 @@ def main() -> int:
         to_web = lab.run(visit, str(web.address), 80)
         print(f"  from net:[{to_web['netns']}] to web {web.address}:80 -> {to_web['answer']}")
         to_host = lab.run(visit, gateway, 22)
-        print(f"  from net:[{to_host['netns']}] to host {gateway}:22 -> {to_host['answer']}"
-              "  (nothing listens there: refused, but it *reached* the host)")
-        ok = host_net != web_net and to_web["answer"] == "hello from web"
+        if to_host["error"] is None:
+            meaning = "a service on the host answered: it reached the host"
+        elif to_host["error"] == "ECONNREFUSED":
+            meaning = "refused: the host's stack sent a reset (nothing listens there), so the packet reached it"
+        else:
+            meaning = f"{to_host['error']}: no answer came back, so this run did not show the host reached"
+        print(f"  from net:[{to_host['netns']}] to host {gateway}:22 -> {to_host['answer']}\n    ({meaning})")
+        reached_host = to_host["error"] in (None, "ECONNREFUSED")
+        ok = host_net != web_net and to_web["answer"] == "hello from web" and reached_host
     print("\nClaim C1 (own namespace, own address, a bridge to the others):", "seen" if ok else "NOT seen")
     return 0 if ok else 1
 

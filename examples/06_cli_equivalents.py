@@ -7,9 +7,12 @@ container's mode, network namespace, address, kept port mappings and any warning
 including the ones Docker gives: ports discarded in host mode (a warning), ports refused in
 container mode (an error), a host port published twice (an error).
 
-One difference shows in the lines: an nslab child shares the host's PID and UTS namespaces
-and its filesystem unless ``new=`` asks for its own (it runs the host's programs; there is
-no image), hence ``--pid host`` / ``--uts host`` where Docker would isolate by default.
+One difference shows in the lines: an nslab child shares the host's PID namespace and its
+filesystem unless ``new=`` asks for its own (it runs the host's programs; there is no image),
+hence ``--pid host`` where Docker would isolate by default. UTS is not such a difference:
+Docker gives every container its own UTS (and IPC) namespace, host mode included, and so does
+nslab. Each line shows the UTS namespace the child is really in, read from
+``/proc/PID/ns/uts``, and says so if it is the host's.
 
 Run:  sudo python3 examples/06_cli_equivalents.py
 """
@@ -31,12 +34,11 @@ def docker_line(name, mode, publish=(), new=(), hostname=None) -> str:
         parts.append(f"--hostname {hostname}")
     for m in parse_publish(publish):
         parts.append(f"-p {format_publish(m).removesuffix('/tcp')}")
-    # nslab children share the host's PID and UTS namespaces (and its filesystem) unless
-    # new= asks for their own; Docker gives each container its own by default.
+    # nslab children share the host's PID namespace (and its filesystem) unless new= asks
+    # for their own; Docker gives each container its own by default. UTS and IPC are private
+    # in both, so no --uts/--ipc flag.
     if "pid" not in new:
         parts.append("--pid host")
-    if "uts" not in new and not hostname and mode != "host" and not mode.startswith("container:"):
-        parts.append("--uts host")
     return " ".join(parts + ["<image> sleep 60"])
 
 
@@ -56,8 +58,10 @@ def show(lab, name, mode="bridge", publish=(), new=(), hostname=None) -> bool:
         return False
     netns = os.readlink(f"/proc/{c.pid}/ns/net")
     same = " (the host's)" if netns == f"net:[{lab.host.netns.inode}]" else ""
+    uts = os.readlink(f"/proc/{c.pid}/ns/uts")
+    uts_note = " (the host's: docker --uts host)" if uts == os.readlink("/proc/self/ns/uts") else ""
     print(f"  -> {c!r}")
-    print(f"     netns {netns}{same}, address {c.address or '-'}, "
+    print(f"     netns {netns}{same}, uts {uts}{uts_note}, address {c.address or '-'}, "
           f"published {[format_publish(m) for m in c.published] or '-'}")
     for w in caught:
         print(f"     WARNING: {w.message}")

@@ -5,7 +5,10 @@ shows: the namespace identities, interfaces (kind, MAC, MTU, state, bridge, veth
 addresses, routes, TCP/UDP sockets and named UNIX sockets (abstract ones included, shown
 with a leading ``@``), the hostname and the sysctls Docker cares about. :func:`compare`
 says, facet by facet, whether two views *share* the kernel object (same namespace), merely
-look the *same*, or *differ*, and lists what only one side has::
+look the *same*, or *differ*, and lists what only one side has. UNIX sockets bound to a path
+are the exception among sockets: the netns that bound one lists it, but any netns that sees
+the file can connect to it, so they form a facet of their own, decided by the mount
+namespace and shown apart (``unix path sockets``); abstract ones stay with the netns::
 
     >>> child = View.gather("bridge child", {"net": child_net, "uts": child_uts}, pid=pid)
     >>> host = View.gather("host child", {"net": host_net}, pid=other_pid)
@@ -62,7 +65,7 @@ from ._netlink import NETLINK_SOCK_DIAG, Rtnl
 
 __all__ = [
     "Interface", "Address", "Route", "Socket", "View", "Facet", "Comparison", "compare",
-    "SYSCTLS", "parse_proc_inet", "parse_proc_unix", "decode_proc_endpoint",
+    "PATH_SOCKETS", "SYSCTLS", "parse_proc_inet", "parse_proc_unix", "decode_proc_endpoint",
 ]
 
 #: The network sysctls Docker sets or depends on, read inside the view's netns.
@@ -179,6 +182,13 @@ class Socket:
     listening: bool = False        # TCP LISTEN, UDP bound and unconnected, UNIX listen()ing
     pid: int | None = None
     process: str | None = None
+
+    @property
+    def filesystem_scoped(self) -> bool:
+        """A UNIX socket bound to a path: reached through the filesystem, so from any network
+        namespace that sees the file (``/proc/net/unix`` lists it only in the netns that
+        bound it). Abstract (``@``) and TCP/UDP sockets are scoped to their netns."""
+        return self.proto == "unix" and not self.local.startswith("@")
 
     def item(self) -> str:
         if self.proto == "unix":
@@ -518,9 +528,10 @@ class View:
         items["interfaces"] = [i.item() for i in self.interfaces]
         items["addresses"] = sorted(a.item() for a in self.addresses)
         items["routes"] = [r.item() for r in self.routes]
-        items["listening sockets"] = sorted({s.item() for s in self.listening()})
+        items["listening sockets"] = sorted({s.item() for s in self.listening() if not s.filesystem_scoped})
         items["hostname"] = [self.hostname]
         items["sysctls"] = [f"{k} = {v}" for k, v in sorted(self.sysctls.items())]
+        items[PATH_SOCKETS] = sorted({s.item() for s in self.listening() if s.filesystem_scoped})
         return items
 
     def to_dict(self) -> dict:
@@ -632,13 +643,17 @@ def _route(msg, names: Mapping[int, str]) -> Route:
 # --- comparing -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Facet:
-    """One line of a comparison: ``verdict`` is shared, same or differs."""
+    """One line of a comparison: ``verdict`` is shared, same or differs. ``scope`` is the
+    namespace kind that decides it: ``net`` for interfaces, addresses, routes, sockets and
+    sysctls, ``uts`` for the hostname, the kind itself for an identity, and ``mnt`` for
+    UNIX sockets bound to a path, which are filesystem-scoped (see :data:`PATH_SOCKETS`)."""
 
     name: str
     verdict: str
     common: tuple[str, ...]
     only_a: tuple[str, ...]
     only_b: tuple[str, ...]
+    scope: str = ""
 
 
 @dataclasses.dataclass
@@ -660,7 +675,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {"a": self.a, "b": self.b,
-                "facets": {n: {"verdict": f.verdict, "common": list(f.common),
+                "facets": {n: {"verdict": f.verdict, "scope": f.scope, "common": list(f.common),
                                "only_a": list(f.only_a), "only_b": list(f.only_b)}
                            for n, f in self.facets.items()}}
 
@@ -669,6 +684,10 @@ class Comparison:
         side has marked ``*``."""
         rows: list[tuple[str, ...]] = [("facet / verdict", self.a, self.b)]
         for f in self.facets.values():
+            if f.name == PATH_SOCKETS:
+                rows.append(("filesystem-scoped", "(not a network namespace's: a UNIX socket bound to a path is "
+                             "listed by the netns that bound it, but any netns that sees the file connects to it; "
+                             "shared when the mount namespace is)", ""))
             pairs = [(c, c) for c in f.common]
             extra = max(len(f.only_a), len(f.only_b))
             pairs += [(f"* {f.only_a[i]}" if i < len(f.only_a) else "",
@@ -681,15 +700,23 @@ class Comparison:
         return self.table()
 
 
+#: The facet of listening UNIX sockets bound to a path. They are filesystem-scoped: a
+#: process in any network namespace connects to one through the file (only abstract ``@``
+#: names are per-netns), so they are compared by mount namespace, apart from the netns
+#: facets, and never make two network namespaces "differ".
+PATH_SOCKETS = "unix path sockets"
+
 # Which namespace makes a facet "shared" when both views are in it.
 _FACET_NS = {"interfaces": "net", "addresses": "net", "routes": "net",
-             "listening sockets": "net", "sysctls": "net", "hostname": "uts"}
+             "listening sockets": "net", "sysctls": "net", "hostname": "uts", PATH_SOCKETS: "mnt"}
 
 
 def compare(a: View, b: View) -> Comparison:
     """Facet by facet: ``shared`` (the same namespace, hence the same kernel object),
     ``same`` (different namespaces, equal contents) or ``differs``, with the items only one
-    side has. Namespace facets are only ever shared or differs."""
+    side has. Namespace facets are only ever shared or differs. UNIX sockets bound to a
+    path are the last facet, :data:`PATH_SOCKETS`, decided by the mount namespace: another
+    netns reaches them through the file, so they are no network-namespace difference."""
     items_a, items_b = a.facet_items(), b.facet_items()
     facets = {}
     kinds = [k for k in KINDS if k in a.identities or k in b.identities]
@@ -707,7 +734,7 @@ def compare(a: View, b: View) -> Comparison:
             verdict = "differs"
         else:
             verdict = "same"
-        facets[name] = Facet(name, verdict, common, only_a, only_b)
+        facets[name] = Facet(name, verdict, common, only_a, only_b, ns_kind)
     return Comparison(a.label, b.label, facets)
 
 
@@ -722,6 +749,8 @@ def _iface_line(i: Interface) -> str:
 
 def _socket_line(s: Socket) -> str:
     line = f"{s.item()} {s.state}"
+    if s.filesystem_scoped:
+        line += " (by path: any netns can reach it)"
     if s.remote:
         line += f" -> {s.remote}"
     if s.pid is not None:

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nslab.errors import InputError
-from nslab.evidence import (Address, Interface, Route, Socket, View, compare,
+from nslab.evidence import (PATH_SOCKETS, Address, Interface, Route, Socket, View, compare,
                             decode_proc_endpoint, parse_proc_inet, parse_proc_unix)
 from nslab.namespaces import Namespace
 
@@ -127,6 +127,28 @@ def test_compare_verdicts_shared_same_differs():
     assert again.verdict("interfaces") == "shared" and again.verdict("net") == "shared"
     assert again.facets["listening sockets"].only_a == ("tcp 0.0.0.0:80",)   # shared, yet listed
     assert set(c.differs()) == {"net", "uts", "interfaces", "listening sockets", "hostname"}
+
+
+def test_path_unix_sockets_are_filesystem_scoped_not_a_netns_difference():
+    """A UNIX socket bound to a path, listed by one netns only, is compared by mount namespace
+    (shared here) apart from the netns facets; an abstract one still makes the netns differ."""
+    path = Socket("unix", "LISTEN", "/run/app.sock", None, 1, listening=True)
+    abstract = Socket("unix", "LISTEN", "@app", None, 2, listening=True)
+    a = dataclasses.replace(_view("a", 10), sockets=[path])
+    b = _view("b", 11)
+    c = compare(a, b)
+    assert c.verdict("listening sockets") == "same"
+    assert c.facets["listening sockets"].only_a == ()
+    facet = c.facets[PATH_SOCKETS]
+    assert facet.verdict == "shared" and facet.scope == "mnt" and facet.only_a == ("unix/stream /run/app.sock",)
+    assert set(c.differs()) == {"net"}
+    assert list(c.facets)[-1] == PATH_SOCKETS and "filesystem-scoped" in c.table(width=120)
+    assert "(by path: any netns can reach it)" in a.table()
+    other_mnt = dataclasses.replace(b, identities={**b.identities, "mnt": (4, 8)})
+    assert compare(a, other_mnt).verdict(PATH_SOCKETS) == "differs"
+    with_abstract = compare(dataclasses.replace(a, sockets=[path, abstract]), b)
+    assert with_abstract.verdict("listening sockets") == "differs"
+    assert with_abstract.facets["listening sockets"].only_a == ("unix/stream @app",)
 
 
 def test_view_and_comparison_serialise_and_print():
@@ -303,6 +325,23 @@ def test_compare_child_and_sandbox(lab):
     assert c.facets["listening sockets"].only_b == ()
     same = compare(child, View.gather("again", {"net": lab["child"], "uts": lab["uts"]}))
     assert set(same.shared()) == set(same.facets)
+
+
+@pytest.mark.root
+def test_path_socket_is_reachable_from_another_netns_and_compared_as_such(lab):
+    """The child's path socket takes a datagram sent from the sandbox netns (the abstract one
+    refuses it), and compare() files it as filesystem-scoped, shared, not as a netns difference."""
+    from nslab._netlink import socket_in
+    with socket_in(lab["sandbox"], socket.AF_UNIX, socket.SOCK_DGRAM, 0) as s:
+        s.sendto(b"x", lab["path"])                    # delivered: no ECONNREFUSED
+    with socket_in(lab["sandbox"], socket.AF_UNIX, socket.SOCK_STREAM, 0) as s:
+        with pytest.raises(ConnectionRefusedError):
+            s.connect("\0" + lab["abstract"])
+    c = compare(View.gather("child", {"net": lab["child"]}), View.gather("sandbox", {"net": lab["sandbox"]}))
+    assert c.facets[PATH_SOCKETS].verdict == "shared"
+    assert c.facets[PATH_SOCKETS].only_a == (f"unix/dgram {lab['path']}",)
+    assert f"unix/dgram {lab['path']}" not in c.facets["listening sockets"].only_a
+    assert f"unix/stream @{lab['abstract']}" in c.facets["listening sockets"].only_a
 
 
 @pytest.mark.root

@@ -7,6 +7,7 @@ Independent means: not through the code under test. Namespace identities are ``o
 are re-read over rtnetlink; listening sockets come from ``/proc/PID/net/tcp``; rule counters
 from ``nft -j list table ip nslab`` run inside the host's netns (when nft is installed).
 """
+import ipaddress
 import json
 import os
 import shutil
@@ -200,6 +201,7 @@ def check_M4(e, labs):
 def check_X1(e, labs):
     lab = labs[0]
     host = fd_ident(lab.host.netns)
+    assert e["host_container"]["dialled"] == str(lab.host.address) in e["host_container"]["addresses"]
     assert e["host_container"]["netns"] == proc_net(e["host_container"]["pid"]) == host
     assert e["bridge_container"]["netns"] == proc_net(e["bridge_container"]["pid"]) != host
     counters = nft_counters(lab.host.netns)
@@ -211,6 +213,9 @@ def check_X2(e, labs):
     ours = {k: [os.stat(f"/proc/self/ns/{k}").st_dev, os.stat(f"/proc/self/ns/{k}").st_ino]
             for k in ("pid", "mnt", "uts")}
     assert e["controller"]["ns"] == ours
+    # A new mount namespace without a root switch: the host's file was readable inside.
+    assert e["child"]["reads_host_files"] and e["child"]["host_file"]["exists"]
+    assert not os.path.exists(e["child"]["host_file"]["path"])          # cleaned up
     assert e["child"]["pid_inside"] == 1
     assert e["child"]["ns"]["net"] == fd_ident(labs[0].host.netns)
     assert all(e["child"]["ns"][k] != ours[k] for k in ours)
@@ -269,12 +274,97 @@ def test_sabotage_flips_the_verdict(claim_id):
     assert result.sabotage == [fault]
 
 
+def failed_checks(result):
+    return {c["check"] for c in result.evidence["checks"] if not c["ok"]}
+
+
 @root
 def test_publish_nothing_flips_c6():
-    """A lab that silently drops -p makes C6's port-mapping check fail."""
+    """A lab that silently drops -p fails C6's port-mapping check, and its duplicate-publish
+    check: the second -p 8080 was accepted."""
     result = experiments.run("C6", Context(sabotage={"publish-nothing"}))
     assert result.verdict.startswith("does not hold")
     assert not result.evidence["outside_to_8080"]["ok"]
+    assert not result.evidence["same_host_port_twice"]["refused"]
+    assert "a second publish of host port 8080 is refused with a clear error" in failed_checks(result)
+
+
+@root
+def test_host_on_bridge_fails_x1s_rule_check_itself():
+    """X1 dials the "host-mode" child where it really is: on the bridge, the network's rules
+    count the attempt, so "no rule of the network saw it" fails by itself."""
+    result = experiments.run("X1", Context(sabotage={"host-on-bridge"}))
+    assert result.verdict.startswith("does not hold")
+    assert "no rule of the network saw it" in failed_checks(result)
+    hc = result.evidence["host_container"]
+    assert hc["rules_that_counted"] and hc["dialled"] in hc["addresses"]
+    assert ipaddress.ip_address(hc["dialled"]) in ipaddress.ip_network(result.evidence["subnet"])   # on the bridge
+    assert "not the host's namespace" in result.explanation
+
+
+@root
+def test_m2_counts_a_forwarder_only_when_the_container_answers(monkeypatch):
+    """A forwarder to a dead VM port still accepts (connect() works), but without the
+    container's banner M2 does not claim the forwarded mode reached it."""
+    import functools
+    m2 = experiments.module("M2")
+    monkeypatch.setattr(m2, "_forwarder", functools.partial(m2._forwarder, upstream_port=m2.PORT + 7))
+    result = experiments.run("M2")
+    assert result.ran, result.error
+    fwd = result.evidence["opt_in_forwarder"]
+    assert fwd["tcp"]["ok"] and not fwd["tcp_served_by_container"]       # connected, yet nobody served
+    assert fwd["container_saw_client_as"] is None
+    assert "could not show" in result.verdict and "both reached" not in result.verdict
+
+
+@root
+def test_m2_reads_the_client_the_container_saw_from_its_banner():
+    """The forwarded connection's banner names the peer: the laptop's address, not the client."""
+    result = experiments.run("M2")
+    fwd = result.evidence["opt_in_forwarder"]
+    assert fwd["tcp_served_by_container"]
+    assert fwd["container_saw_client_as"].rsplit(":", 1)[0] == result.evidence["laptop"]["address"]
+    assert fwd["laptop_client"].startswith("127.0.0.1:")
+    assert fwd["container_saw_client_as"] in result.explanation
+
+
+@root
+def test_c8_names_the_source_the_outside_really_saw_under_sabotage():
+    """With the host-mode client on the bridge, C8 no longer says it was seen untranslated."""
+    result = experiments.run("C8", Context(sabotage={"host-on-bridge"}))
+    assert result.verdict.startswith("does not hold")
+    assert "with no rule in between" not in result.explanation
+    assert "the host-mode container as" in result.explanation
+    seen_host_mode = result.explanation.split("the host-mode container as", 1)[1].split(", and the bridge", 1)[0]
+    assert "only after MASQUERADE rewrote it" in seen_host_mode
+
+
+def _round(loop_us, host_us, bridge_us, loop_g, host_g, bridge_g):
+    return ({"rr": {"p50_us": loop_us}, "stream": {"gbit_per_s": loop_g}},
+            {"rr": {"p50_us": host_us}, "stream": {"gbit_per_s": host_g}},
+            {"rr": {"p50_us": bridge_us}, "stream": {"gbit_per_s": bridge_g}})
+
+
+def test_c5a_a_gain_smaller_than_the_loopback_host_spread_is_within_noise():
+    """Loopback and host mode, one path, differ by up to ×1.44: a ×1.2 bridge penalty is noise,
+    a ×2 throughput gain is not."""
+    c5a = experiments.module("C5a")
+    rounds = [_round(50, 72, 86.4, 20, 15.4, 7.7), _round(50, 40, 48, 20, 28.8, 14.4),
+              _round(50, 50, 60, 20, 20, 10)]
+    judged = c5a.judge(*map(list, zip(*rounds)))
+    assert judged["latency"]["noise"] == pytest.approx(1.44, abs=0.01)
+    assert judged["latency"]["gain"] == pytest.approx(1.2, abs=0.01) and not judged["latency"]["beyond_noise"]
+    assert judged["throughput"]["gain"] == pytest.approx(2.0) and judged["throughput"]["beyond_noise"]
+    assert judged["latency"]["wins"] == 3
+
+
+def test_c5a_no_rounds_or_a_zero_measurement_is_never_a_gain():
+    """Without rounds, or with a zero reading, nothing counts as beyond the noise."""
+    c5a = experiments.module("C5a")
+    empty = c5a.judge([], [], [])
+    assert not empty["latency"]["beyond_noise"] and empty["latency"]["noise"] is None
+    zero = c5a.judge(*map(list, zip(_round(50, 50, 60, 0, 20, 10))))
+    assert not zero["throughput"]["beyond_noise"]
 
 
 @root

@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 
-__all__ = ["whoami", "reach"]
+__all__ = ["whoami", "whoami_and_read", "reach"]
 
 
 def _ns(kind: str) -> list[int]:
@@ -25,6 +25,19 @@ def whoami() -> dict:
     return {"pid": os.getpid(), "hostname": socket.gethostname(),
             "ns": {k: _ns(k) for k in ("net", "pid", "mnt", "uts")},
             "interfaces": [[index, name] for index, name in socket.if_nameindex()]}
+
+
+def whoami_and_read(path: str) -> dict:
+    """:func:`whoami`, plus what this process finds at ``path``: ``{"exists", "content"}``
+    (the first 200 characters). Tells whether a file of the host's is visible from here."""
+    me = whoami()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            me["file"] = {"path": path, "exists": True, "content": f.read(200)}
+    except OSError as exc:
+        me["file"] = {"path": path, "exists": False,
+                      "error": errno.errorcode.get(exc.errno, str(exc.errno))}
+    return me
 
 
 def reach(targets: list, timeout: float = 1.0) -> dict:

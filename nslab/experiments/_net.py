@@ -24,8 +24,8 @@ from ..errors import from_errno
 from ..namespaces import Namespace
 from ._base import errname
 
-__all__ = ["connect_from", "udp_from", "Service", "interfaces", "link_stats", "rule_counters",
-           "counter_deltas", "read_line"]
+__all__ = ["connect_from", "udp_from", "Service", "interfaces", "ipv4_addresses", "link_stats",
+           "rule_counters", "counter_deltas", "read_line"]
 
 
 # --- reaching things -----------------------------------------------------------------------
@@ -184,6 +184,13 @@ def interfaces(ns: Namespace) -> list[dict]:
                         "kind": kind or ("loopback" if link["index"] == 1 else "device"),
                         "master": names.get(master) if master else None})
     return sorted(out, key=lambda i: i["index"])
+
+
+def ipv4_addresses(ns: Namespace) -> list[str]:
+    """The IPv4 addresses of ``ns`` that are not loopback ones, as ``ip -4 addr`` lists them."""
+    with Rtnl(ns) as rtnl:
+        found = [msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS") for msg in rtnl.addresses()]
+    return [a for a in found if a and not a.startswith("127.")]
 
 
 def link_stats(ns: Namespace, names=None) -> dict[str, dict]:

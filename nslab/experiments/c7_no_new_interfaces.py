@@ -3,7 +3,9 @@
 Measured: the host's interfaces (rtnetlink, in the host's netns) before and after each of
 three spawns — a host-mode child, then a first bridge child, then a second one. Expected
 from the seed and from Docker's bridge driver: the host-mode child adds nothing; the first
-bridge child adds the bridge and one veth; the second adds exactly one more veth.
+bridge child adds the bridge and one veth; the second adds exactly one more veth. (The
+bridge comes with the first bridge child because nslab creates it lazily; Docker's daemon
+creates docker0 when it starts.)
 """
 from __future__ import annotations
 
@@ -46,13 +48,24 @@ def run(ctx):
     checks.add("nothing removed", not any(removed.values()), str({k: v for k, v in removed.items() if v}))
     evidence = {"steps": [{"step": s, "pid": pid, "host_interfaces": names} for s, pid, names in steps],
                 "added": added, "checks": checks.to_list()}
+    first = kinds["first bridge child"]
+    if first == ["bridge", "veth"]:
+        first_text = (": a bridge and a veth. The bridge appeared only now: nslab creates it lazily, with the first "
+                      "container that needs it (background, unlike Docker: its daemon creates docker0 when it "
+                      "starts, before any container)")
+    elif "bridge" not in first:
+        first_text = " — no bridge: it existed already, or was never made"
+    else:
+        first_text = ""
+    second = kinds["second bridge child"]
+    second_text = (": one veth per container from then on" if second == ["veth"] else
+                   f": not the single veth expected ({sentence_list(second)})")
     explanation = (
         f"The host started with {sentence_list(steps[0][2])}. Spawning a host-mode child added "
         f"{sentence_list(added['host-mode child'])}"
         f"{' — it simply runs in the existing namespace' if not added['host-mode child'] else ''}. "
-        f"The first bridge child added {sentence_list(added['first bridge child'])}: the bridge (made on first use, "
-        f"like docker0) and the host end of its veth pair, whose other end is the child's eth0. The second bridge "
-        f"child added {sentence_list(added['second bridge child'])}: one veth per container from then on.")
+        f"The first bridge child added {sentence_list(added['first bridge child'])}{first_text}. The second bridge "
+        f"child added {sentence_list(added['second bridge child'])}{second_text}.")
     key = "added: " + "; ".join(f"{s.split(' child')[0]} {'+' + ','.join(kinds[s]) if kinds[s] else 'nothing'}"
                                 for s in added)
     return ctx.result(ID, CLAIM, checks.verdict(), evidence, explanation, key, started)

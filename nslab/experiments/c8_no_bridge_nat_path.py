@@ -9,6 +9,7 @@ instruments would prove nothing.
 """
 from __future__ import annotations
 
+import ipaddress
 import time
 
 from ._base import Checks, sentence_list
@@ -30,6 +31,14 @@ def _bridge_links(lab, stats: dict) -> list[str]:
     return [name for name in stats if name in bridges or name.startswith("veth")]
 
 
+def _in(address: str, subnets) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in subnets)
+
+
 def run(ctx):
     started = time.monotonic()
     with ctx.lab() as lab:
@@ -48,6 +57,8 @@ def run(ctx):
         on_bridge_ctl = {n: bridge_links[n]["tx_packets"] + bridge_links[n]["rx_packets"]
                          for n in _bridge_links(lab, bridge_links)}
         uplink = lab.host.uplink
+        host_addr = str(lab.host.address)
+        subnets = [n.subnet for n in lab.networks.values()]
 
     def seen_as(lines):
         return sorted({ln.split()[-1].rsplit(":", 1)[0] for ln in lines if ln.startswith("outside")})
@@ -74,17 +85,31 @@ def run(ctx):
                                 "uplink_tx_packets": bridge_links.get(uplink, {}).get("tx_packets", 0)},
                 "checks": checks.to_list()}
     moved = ", ".join(f"{k} +{v}" for k, v in bridge_rules.items())
+    host_seen, bridge_seen = seen_as(host_out), seen_as(bridge_out)
+    masq = sum(v for k, v in bridge_rules.items() if "MASQUERADE" in k)
+    host_masq = sum(v for k, v in host_rules.items() if "MASQUERADE" in k)
     explanation = (
         f"A host-mode container opened {CONNECTIONS} connections to a server in the outside network ({host_ok} "
         f"answered); {uplink_host} packets left through the host's {uplink}. During that run "
-        + ("no nslab firewall rule counted a single packet" if not host_rules else f"rules counted: {host_rules}")
+        + ("no nslab firewall rule counted a single packet" if not host_rules else
+           "rules counted it: " + ", ".join(f"{k} +{v}" for k, v in host_rules.items()))
         + f", and the bridge and veths saw {stray} packets"
         + (" (IPv6 housekeeping of the fresh links, not this traffic)" if 0 < stray < uplink_host // 2 else "")
         + f". The same {CONNECTIONS} connections from a bridge "
         f"container ({bridge_ok} answered) moved the counters — {moved or 'none'} — and crossed the bridge links "
         f"({sum(on_bridge_ctl.values())} packets). The outside server saw the host-mode container as "
-        f"{sentence_list(seen_as(host_out))}, the host's own address, and the bridge container as "
-        f"{sentence_list(seen_as(bridge_out))}: the same address, but only after MASQUERADE rewrote it.")
+        f"{sentence_list(host_seen) if host_seen else 'nobody (no answer)'}"
+        + ((", the host's own address, with no rule in between" if not host_rules else
+            f", the host's address — but only after MASQUERADE rewrote it ({host_masq} packets counted)" if host_masq
+            else ", the host's address, though rules counted its traffic") if host_seen == [host_addr]
+           else f" (the host's address is {host_addr})")
+        + f", and the bridge container as {sentence_list(bridge_seen) if bridge_seen else 'nobody (no answer)'}"
+        + (f": the host's address too, and the MASQUERADE rule counted {masq} packets — the source was "
+           "rewritten on the way out" if bridge_seen == [host_addr] and masq else
+           ": the host's address, though no MASQUERADE counter moved" if bridge_seen == [host_addr] else
+           ": its own bridge address, untranslated" if bridge_seen and all(_in(a, subnets) for a in bridge_seen)
+           else "")
+        + ".")
     key = (f"host-mode: {len(host_rules)} rules moved, {stray} pkts on bridge links; "
            f"bridge: {len(bridge_rules)} rules moved, {sum(on_bridge_ctl.values())} pkts")
     return ctx.result(ID, CLAIM, checks.verdict(), evidence, explanation, key, started)

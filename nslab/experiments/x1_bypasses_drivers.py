@@ -8,13 +8,21 @@ subnet (as a neighbour on the same L2 segment would have), then tries a bridge c
 unpublished port 7000 and a host-mode container's port 7001, with the rule counters of the
 bridge network's firewall read from the kernel around each attempt. The policy must stop
 (and count) the first, and never see the second.
+
+Each container is dialled where it really is reachable, as read from inside its own network
+namespace: the host-mode container at the host's address if its namespace holds that
+address (it does when it shares the host's), else at its own address. So a "host-mode"
+child that really sits on the bridge is dialled at its bridge address, its packets cross the
+network's rules, and the "no rule of the network saw it" check fails by itself — it does not
+lean on the connection check.
 """
 from __future__ import annotations
 
 import time
 
+from ..namespaces import Namespace
 from ._base import Checks, label, proc_netns
-from ._net import connect_from, counter_deltas, rule_counters
+from ._net import connect_from, counter_deltas, ipv4_addresses, rule_counters
 from ._programs import start_server
 
 ID = "X1"
@@ -40,11 +48,20 @@ def run(ctx):
         # The outside becomes a neighbour that routes the bridge subnet to the host.
         lab.host.outside_rtnl.request("route", "add", dst=str(net.subnet), gateway=str(lab.host.address),
                                       obj=f"route {net.subnet} via {lab.host.address} in the outside netns")
+        # Where the host-mode container is really reachable, read from inside its netns.
+        if bypass.running:
+            with Namespace.of_pid(bypass.pid, "net") as bypass_net:
+                bypass_addrs = ipv4_addresses(bypass_net)
+        else:                                   # its bind failed: the netns the lab placed it in
+            bypass_addrs = ipv4_addresses(bypass.netns)
+        host_addr = str(lab.host.address)
+        target = host_addr if host_addr in bypass_addrs else (bypass_addrs[0] if bypass_addrs else None)
         c0 = rule_counters(lab.host.netns)
         to_bridge = (connect_from(lab.host.outside, str(guarded.address), 7000, timeout=0.3)
                      if guarded.address else {"ok": False, "error": "no address"})
         c1 = rule_counters(lab.host.netns)
-        to_host = connect_from(lab.host.outside, str(lab.host.address), 7001)
+        to_host = (connect_from(lab.host.outside, target, 7001, timeout=0.3) if target
+                   else {"ok": False, "error": "no address outside loopback"})
         c2 = rule_counters(lab.host.netns)
         nets = {"guarded": proc_netns(guarded), "bypass": proc_netns(bypass), "host": list(lab.host.netns.identity)}
         guarded_addr = str(guarded.address) if guarded.address else None
@@ -55,11 +72,13 @@ def run(ctx):
                f"{to_bridge.get('error') or 'reached'}; counted by {saw_bridge or 'no rule'}")
     checks.add("the host-mode container is reached", to_host["ok"] and to_host.get("banner", "").startswith("bypass"),
                to_host.get("banner") or to_host.get("error", ""))
-    checks.add("no rule of the network saw it", not saw_host, str(saw_host or "no counter of the network moved"))
+    checks.add("no rule of the network saw it", not saw_host,
+               f"dialled {target}:7001; " + str(saw_host or "no counter of the network moved"))
     evidence = {"bridge": net.bridge, "subnet": str(net.subnet), "rules": len(c2),
                 "bridge_container": {"pid": guarded.pid, "netns": nets["guarded"], "address": guarded_addr,
                                      "bind": g_bind, "outside_attempt": to_bridge, "rules_that_counted": saw_bridge},
                 "host_container": {"pid": bypass.pid, "netns": nets["bypass"], "bind": b_bind,
+                                   "addresses": bypass_addrs, "dialled": target,
                                    "outside_attempt": to_host, "rules_that_counted": saw_host,
                                    "dispatch_rules_that_counted": dispatch},
                 "host": {"netns": nets["host"]}, "checks": checks.to_list()}
@@ -69,17 +88,22 @@ def run(ctx):
         f"{guarded_addr}:7000: {to_bridge.get('error') or 'it answered'}"
         + (f", and the network's rules counted it ({', '.join(f'{k} +{v}' for k, v in saw_bridge.items())}). "
            if saw_bridge else ", and no rule counted it. ")
-        + f"It then tried the host-mode container at {lab.host.address}:7001: "
+        + f"It then tried the host-mode container where its own namespace says it is reachable, "
+          f"{target}:7001{' (the host address)' if target == host_addr else ' (not a host address)'}: "
         + (f"answered ({to_host['banner']})" if to_host["ok"] else to_host.get("error", ""))
         + (" — and not one rule of the bridge network counted a packet"
-           if not saw_host else f", counted by {saw_host}")
+           if not saw_host else ", and the network's rules counted it ("
+           + ", ".join(f"{k} +{v}" for k, v in saw_host.items()) + ")")
         + (f" (only the table's dispatch rule {', '.join(dispatch)} counted the connection, as Docker's "
            f"'-m addrtype --dst-type LOCAL -j DOCKER' jump sees every connection to a host address; no rule it "
            f"leads to matched). " if dispatch else ". ")
-        + f"The host-mode container is in {label(nets['bypass'])}, the host's namespace, so the network's policy "
-          "(like any plugin or overlay attached to a network) never sees its traffic.")
+        + (f"The host-mode container is in {label(nets['bypass'])}, the host's namespace, so the network's policy "
+           "(like any plugin or overlay attached to a network) never sees its traffic."
+           if nets["bypass"] == nets["host"] else
+           f"The host-mode container is in {label(nets['bypass'])}, not the host's namespace "
+           f"({label(nets['host'])}): it is attached to a network, and that network's rules see its traffic."))
     key = (f"bridge :7000 {to_bridge.get('error') or 'reached'} ({sum(saw_bridge.values())} pkts counted); "
-           f"host-mode :7001 {'reached' if to_host['ok'] else to_host.get('error')} ({sum(saw_host.values())} counted "
+           f"host-mode {target}:7001 {'reached' if to_host['ok'] else to_host.get('error')} ({sum(saw_host.values())} counted "
            f"by the network, {sum(dispatch.values())} by dispatch)")
     nuance_text = None
     if checks.ok and dispatch:
