@@ -241,7 +241,7 @@ class Child:
         kinds = _check_new(new)
         joins = _check_join(join, kinds)
         env_b = _env_list(env)
-        path = _resolve_program(argv_b[0], env) if executable is None else _check_executable(executable)
+        path = _resolve_program(argv_b[0], env) if executable is None else _check_path(executable, "executable")
         if hostname is not None:
             if not isinstance(hostname, str) or not 0 < len(hostname.encode()) <= 64:
                 raise InputError("hostname", "must be 1-64 bytes", hostname)
@@ -805,16 +805,19 @@ def _check_join(join, kinds: list[str]) -> list[Namespace]:
     return [seen[k] for k in JOIN_ORDER if k in seen]
 
 
-def _check_cwd(cwd) -> bytes | None:
-    """A path without NUL (C would silently cut it there), or None for the parent's."""
-    if cwd is None:
-        return None
-    if not isinstance(cwd, (str, bytes, os.PathLike)):
-        raise InputError("cwd", "expected a path", cwd)
-    raw = os.fsencode(cwd)
+def _check_path(value, field: str) -> bytes:
+    """A non-empty path without NUL (C would silently cut it there), as bytes."""
+    if not isinstance(value, (str, bytes, os.PathLike)):
+        raise InputError(field, "expected a path", value)
+    raw = os.fsencode(value)
     if not raw or b"\0" in raw:
-        raise InputError("cwd", "a path is non-empty and has no NUL byte", cwd)
+        raise InputError(field, "a path is non-empty and has no NUL byte", value)
     return raw
+
+
+def _check_cwd(cwd) -> bytes | None:
+    """``cwd`` as bytes, or None for the parent's."""
+    return None if cwd is None else _check_path(cwd, "cwd")
 
 
 def _check_pass_fds(pass_fds) -> list[int]:
@@ -856,15 +859,6 @@ def _env_list(env) -> list[bytes]:
                              "without NUL", k)
         out.append(kb + b"=" + vb)
     return out
-
-
-def _check_executable(value) -> bytes:
-    if not isinstance(value, (str, bytes, os.PathLike)):
-        raise InputError("executable", "expected a path", value)
-    raw = os.fsencode(value)
-    if not raw or b"\0" in raw:
-        raise InputError("executable", "a path is non-empty and has no NUL byte", value)
-    return raw
 
 
 def _resolve_program(name: bytes, env) -> bytes:

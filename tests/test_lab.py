@@ -422,11 +422,7 @@ def test_close_from_two_threads_tears_down_once():
             lab.close()
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
-    threads = [threading.Thread(target=closer) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together(closer, closer)
     try:
         assert errors == [] and lab.closed and c.closed
     finally:
@@ -449,11 +445,7 @@ def test_two_spawns_of_one_name_leave_the_winner_intact(lab):
                 results.append(lab.spawn(["sleep", "30"], name="web", publish=["8080:80"]))
             except NslabError as exc:
                 results.append(exc)
-        threads = [threading.Thread(target=start) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_together(start, start)
         [web] = [r for r in results if not isinstance(r, Exception)]
         [lost] = [r for r in results if isinstance(r, Exception)]
         assert isinstance(lost, InputError) and lost.field == "name" and "already in use" in str(lost)
@@ -585,3 +577,13 @@ def test_default_is_the_default_bridge_and_bad_kinds_name_new(lab):
     with pytest.raises(InputError) as info:
         lab.spawn(["true"], new=["bogus"])
     assert info.value.field == "new"
+
+
+def run_together(*fns):
+    """Run each function on a thread of its own; return when all are done."""
+    import threading
+    threads = [threading.Thread(target=fn) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
