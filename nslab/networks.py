@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import ipaddress
+import os
 import re
 import secrets
 import threading
@@ -149,8 +150,7 @@ class BridgeNetwork:
         try:
             self.index = self._create_bridge(tag)
         except BaseException:
-            self.ipam.close(remove=True)
-            self.host.forget(self._ipam_key)
+            self._drop_ipam_state()
             raise
 
     def _create_bridge(self, tag: str) -> int:
@@ -244,6 +244,24 @@ class BridgeNetwork:
             self.endpoints[owner] = endpoint
         return endpoint
 
+    def _drop_ipam_state(self) -> None:
+        """Remove this network's IPAM state — unless it is shared: on a host several labs use
+        (one state directory), a network of the same name is one IPAM, and another live lab
+        may hold addresses in it or have it open. Asked under the IPAM locks (Ipam.remove)."""
+        record = self.host.record
+        key = (os.path.abspath(self.host.state_dir), self.name)
+
+        def others_use_it() -> bool:
+            if record is None or not self.host.outlives_lab:
+                return False
+            from .records import live_ipam_networks
+            return key in live_ipam_networks(record.dir, exclude=record.path)
+        self.ipam.close()
+        try:
+            _ipam.Ipam.remove(self.host.state_dir, self.name, only_if_unused=True, wanted=others_use_it)
+        finally:
+            self.host.forget(self._ipam_key)
+
     def reserve(self, owner: str, address=None) -> ipaddress.IPv4Address:
         """Allocate ``owner``'s address ahead of :meth:`attach` (which then uses it), so the
         firewall can be programmed while the container's netns is still being made.
@@ -329,8 +347,7 @@ class BridgeNetwork:
                     checkpoint("network.bridge_deleted")
                 self.host.forget(self._record_key)
             finally:
-                self.ipam.close(remove=True)
-                self.host.forget(self._ipam_key)
+                self._drop_ipam_state()
         if errors:
             raise errors[0]
 

@@ -602,9 +602,14 @@ def _undo_link(entry: dict, ns) -> str | None:
         return f"link {entry['ifname']}"
 
 
-def _live_ipam_networks(directory: str, collecting: str) -> set[tuple[str, str]]:
-    """(state_dir, network) of every IPAM entry of a live lab: gc must leave those alone.
-    (``collecting``: the dead record gc holds locked, which would look alive.)"""
+def live_ipam_networks(directory: str, exclude: str | None = None) -> set[tuple[str, str]]:
+    """(state_dir, network) of every IPAM entry of a live lab whose record is in
+    ``directory``: the IPAM state nobody may remove. ``exclude``: a record path to leave out
+    (the dead record gc holds locked, which would look alive; or the caller's own)."""
+    return _live_ipam_networks(directory, exclude)
+
+
+def _live_ipam_networks(directory: str, collecting: str | None) -> set[tuple[str, str]]:
     held = set()
     for path in _record_files(directory):
         if path != collecting and _is_alive(path):

@@ -587,3 +587,30 @@ def run_together(*fns):
         t.start()
     for t in threads:
         t.join()
+
+
+@pytest.mark.root
+def test_a_lab_leaving_a_shared_host_keeps_the_other_labs_ipam(tmp_path):
+    """Two labs on one shared host both use a network named 'app' (one IPAM state): the
+    first to close must not remove it under the second, which keeps its address and can
+    allocate more; the last one out removes it."""
+    from nslab.hosts import ExistingHost
+    from nslab.ipam import Ipam
+    with Namespace.create("net") as ns:
+        state = str(tmp_path / "state")
+        first = Lab(ExistingHost(ns, state))
+        second = Lab(ExistingHost(ns, state))
+        try:
+            first.network("app")
+            c = second.spawn(["sleep", "30"], mode="app")
+            first.close()
+            assert "app" in Ipam.held_subnets(state)
+            net = second.networks["app"]
+            assert net.ipam.owner_of(c.address) == second._owner(c.name)
+            assert net.reserve("later") is not None
+        finally:
+            first.close()
+            second.close()
+            first.host.close()
+            second.host.close()
+        assert "app" not in Ipam.held_subnets(state)
