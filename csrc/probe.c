@@ -129,7 +129,9 @@ static int wait_in(int fd, int stop_fd, int64_t timeout_ns, struct nslab_probe_s
             st->stopped = 2;
             return WAIT_IDLE;
         }
-        if (n == 2 && (p[1].revents & (POLLIN | POLLHUP | POLLERR))) {
+        /* POLLNVAL: the stop eventfd was closed under us (a close() that gave up waiting):
+         * that is a stop too, not a reason to spin. */
+        if (n == 2 && (p[1].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL))) {
             st->stopped = 1;
             return WAIT_STOPPED;
         }
@@ -803,7 +805,9 @@ uint64_t nslab_probe_hist_percentile(const uint64_t *hist, double q,
     /* Nearest rank: the smallest value with at least q% of the samples at or below it. */
     double exact = q / 100.0 * (double)total;
     uint64_t rank = (uint64_t)exact;
-    if ((double)rank < exact)
+    /* Ceiling, forgiving the last bits of rounding: 0.999 * 1000 is 999.0000000000001 in
+     * doubles, and must give rank 999, not 1000. */
+    if ((double)rank < exact - 1e-9 * exact)
         rank++;
     if (rank < 1)
         rank = 1;

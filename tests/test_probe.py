@@ -33,9 +33,11 @@ def closed_port(kind=socket.SOCK_STREAM) -> int:
 
 
 def exact_percentile(sorted_values, q):
-    """Nearest rank: the smallest value with at least q% of the samples at or below it."""
+    """Nearest rank: the smallest value with at least q% of the samples at or below it
+    (in exact arithmetic: 99.9% of 1,000 is rank 999, which floats round up to 1,000)."""
     import math
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    from fractions import Fraction
+    rank = max(1, math.ceil(Fraction(str(q)) / 100 * len(sorted_values)))
     return sorted_values[rank - 1]
 
 
@@ -70,6 +72,18 @@ def test_hist_percentile_is_in_the_exact_percentiles_bucket(values, q):
     got = lib.nslab_probe_hist_percentile(hist, q, min(values), max(values))
     exact = exact_percentile(sorted(values), q)
     assert lib.nslab_probe_hist_index(got) == lib.nslab_probe_hist_index(exact)
+
+
+def test_hist_percentile_rank_is_not_rounded_up_by_floats():
+    """1,000 distinct samples: p99.9 is the 999th (not the 1,000th, as 0.999 * 1000 in
+    doubles would make it)."""
+    from nslab._probe import ffi
+    values = [1000 * (i + 1) for i in range(1000)]       # far apart: one bucket each
+    hist = ffi.new("uint64_t[]", lib.NSLAB_PROBE_HIST_BUCKETS)
+    for v in values:
+        hist[lib.nslab_probe_hist_index(v)] += 1
+    got = lib.nslab_probe_hist_percentile(hist, 99.9, values[0], values[-1])
+    assert lib.nslab_probe_hist_index(got) == lib.nslab_probe_hist_index(values[998])
 
 
 # --- arithmetic against known transfers (caller's loopback) ----------------------------
