@@ -40,6 +40,7 @@ Tests and tools can point all of this somewhere else with ``NSLAB_RECORDS_DIR``.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import errno
 import fcntl
 import json
@@ -52,7 +53,7 @@ import time
 from typing import Any, Iterator
 
 from ._faults import checkpoint
-from .errors import NslabError
+from .errors import NslabError, from_errno
 
 __all__ = ["LabRecord", "gc", "GcReport", "leak_report", "orphaned", "labs_dir", "read_record",
            "ENV_RECORDS_DIR"]
@@ -229,7 +230,7 @@ class LabRecord:
         try:
             # O_CLOEXEC: children must not inherit the lock, or a lab would look alive after death.
             fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, data)
+            _write_whole(fd, data, self.path)       # a short snapshot must not replace the journal
             # From now on only appends: every later write(2) lands whole at the end.
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
             if tmp is None:
@@ -249,7 +250,15 @@ class LabRecord:
     def _append(self, obj: dict) -> None:
         if self._fd < 0:
             raise NslabError(errno.EBADF, f"record of lab {self.lab_id} is closed")
-        os.write(self._fd, _line(obj))        # one O_APPEND write(2): torn at worst, never interleaved
+        line = _line(obj)
+        try:
+            _write_whole(self._fd, line, self.path)   # one O_APPEND write(2): never interleaved
+        except NslabError:
+            # A torn line (a full /run, say): end it, so the next record starts on its own
+            # line, and fail the step that needed this one written first.
+            with contextlib.suppress(OSError):
+                os.write(self._fd, b"\n")
+            raise
         self._lines += 1
         if self._lines > _COMPACT_MIN_LINES and self._lines > 4 * (len(self._entries) + 2):
             self._compact()
@@ -366,6 +375,18 @@ def _cmdline(pid: int) -> str:
 
 
 # --- reading ------------------------------------------------------------------------------
+def _write_whole(fd: int, data: bytes, path: str) -> None:
+    """One write(2) of all of ``data``; a short or failed one is an error naming the record."""
+    try:
+        n = os.write(fd, data)
+    except OSError as exc:
+        raise from_errno(exc.errno or errno.EIO, "write", f"lab record {path}",
+                         hint="is the state directory's filesystem full?") from None
+    if n != len(data):
+        raise from_errno(errno.ENOSPC, "write", f"lab record {path} ({n} of {len(data)} bytes)",
+                         hint="is the state directory's filesystem full?")
+
+
 def parse_record(raw: bytes, lab: str) -> dict[str, Any]:
     """Replay a journal: ``{"lab", "pid", "host", "entries": {key: entry}}`` in creation
     order. A torn last line (the writer was killed mid-write) is ignored."""
@@ -381,14 +402,16 @@ def parse_record(raw: bytes, lab: str) -> dict[str, Any]:
     for line in raw.split(b"\n"):
         if not line.strip():
             continue
+        # A torn line is one whose write failed: the step it was written for never happened
+        # (write-ahead). Skip it, and keep reading what was written after it.
         try:
             obj = json.loads(line)
         except ValueError:
             record["torn"] = True
-            break
+            continue
         if not isinstance(obj, dict):
             record["torn"] = True
-            break
+            continue
         if "v" in obj:
             record.update({k: obj.get(k) for k in ("pid", "start", "created", "argv")})
             record["lab"] = obj.get("lab", lab)

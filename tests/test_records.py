@@ -3,6 +3,7 @@ running next to live labs."""
 from __future__ import annotations
 
 import json
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import types
 import pytest
 
 from nslab import _faults, records
+from nslab.errors import NslabError
 from nslab.records import LabRecord, gc, leak_report, parse_record, read_record
 
 ROOT = os.geteuid() == 0
@@ -84,6 +86,42 @@ def test_torn_last_line_is_ignored():
            b'{"add":"link-2","e":{"kind":"link","ifname":"br-1"}}\n{"forget":"dir-1"}\n{"add":"li')
     rec = parse_record(raw, "x")
     assert rec["torn"] and rec["entries"] == {"link-2": {"kind": "link", "ifname": "br-1"}}
+
+
+def test_a_torn_line_in_the_middle_loses_only_itself():
+    """A write cut short (a full filesystem) is ended with a newline by the writer, which
+    goes on: the lines after it still replay."""
+    raw = (b'{"v":2,"lab":"x","pid":1}\n{"add":"dir-1","e":{"kind":"di\n'
+           b'{"add":"link-2","e":{"kind":"link","ifname":"br-1"}}\n')
+    rec = parse_record(raw, "x")
+    assert rec["torn"] and rec["entries"] == {"link-2": {"kind": "link", "ifname": "br-1"}}
+
+
+def test_a_short_write_fails_the_step_and_keeps_the_journal_readable(tmp_path, monkeypatch):
+    """A short write(2) of an entry is an error (the object is then not made), and the next
+    entries land on lines of their own."""
+    import nslab.records as records
+    rec = LabRecord(str(tmp_path))
+    real_write = os.write
+    cut = {"once": True}
+
+    def short_write(fd, data):
+        if cut["once"] and fd == rec._fd and b"link-1" in data:
+            cut["once"] = False
+            return real_write(fd, data[:10])
+        return real_write(fd, data)
+    monkeypatch.setattr(records.os, "write", short_write)
+    with pytest.raises(NslabError) as info:
+        rec.add("link", ifname="br-a")
+    assert info.value.errno == errno.ENOSPC and rec.path in str(info.value)
+    rec.add("link", ifname="br-b")
+    with open(rec.path, "rb") as f:
+        replay = parse_record(f.read(), rec.lab_id)
+    assert [e["ifname"] for e in replay["entries"].values()] == ["br-b"]
+    monkeypatch.undo()
+    for key in list(replay["entries"]):
+        rec.forget(key)
+    rec.close()
 
 
 def test_legacy_single_object_record_is_read(tmp_path):
