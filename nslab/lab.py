@@ -306,6 +306,8 @@ class Lab:
         except BaseException:
             if getattr(self, "_owns_host", False):
                 self.host.close()
+            if self._dir_key is not None and not os.path.exists(self.record.entry(self._dir_key)["path"]):
+                self.record.forget(self._dir_key)   # never made, or removed: nothing for gc to do
             self.record.close()
             raise
         self.strict_publish = strict_publish

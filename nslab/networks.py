@@ -158,8 +158,12 @@ class BridgeNetwork:
         mac = _random_mac()
         alias = f"{tag}:{self.name}"
         self._record_key = self.host.remember("link", ifname=self.bridge, alias=alias, address=mac)
-        rtnl.request("link", "add", ifname=self.bridge, kind="bridge", address=mac,
-                     obj=f"bridge {self.bridge}")
+        try:
+            rtnl.request("link", "add", ifname=self.bridge, kind="bridge", address=mac,
+                         obj=f"bridge {self.bridge}")
+        except BaseException:
+            self.host.forget(self._record_key)      # not made (EEXIST: someone else's name)
+            raise
         checkpoint("network.bridge")
         try:
             index = rtnl.link_index(self.bridge)

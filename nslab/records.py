@@ -292,6 +292,11 @@ class LabRecord:
                 raise
             return key
 
+    def entry(self, key: str) -> dict[str, Any]:
+        """The identity recorded under ``key`` (a copy)."""
+        with self._lock:
+            return dict(self._entries[key])
+
     def forget(self, key: str | None) -> None:
         """The object is gone (removed by the lab): drop its entry."""
         if key is None:

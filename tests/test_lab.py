@@ -614,3 +614,19 @@ def test_a_lab_leaving_a_shared_host_keeps_the_other_labs_ipam(tmp_path):
             first.host.close()
             second.host.close()
         assert "app" not in Ipam.held_subnets(state)
+
+
+@pytest.mark.root
+def test_a_lab_that_fails_to_start_leaves_no_record(monkeypatch, tmp_path):
+    """Lab() failing before its sandbox exists leaves no record behind for gc or the leak
+    report to call orphaned (it made nothing)."""
+    import nslab.lab as lab_module
+    from nslab.records import labs_dir
+
+    def refuse(state_dir):
+        raise PermissionError(1, "simulated: not root")
+    monkeypatch.setattr(lab_module, "SandboxHost", refuse)
+    before = set(os.listdir(labs_dir()))
+    with pytest.raises(PermissionError):
+        Lab()
+    assert set(os.listdir(labs_dir())) == before
