@@ -566,6 +566,7 @@ class Bench:
         self.lab = lab if lab is not None else Lab()
         self.containers: dict = {}
         self._persisted: dict = {}          # netns inode -> persisted name (reference tools)
+        self._persisted_keys: dict = {}     # persisted name -> its record entry
         self._spawned = 0
         self._closed = False
         try:
@@ -785,8 +786,17 @@ class Bench:
         name = self._persisted.get(ns.inode)
         if name is None:
             name = f"nslab-bench-{os.getpid()}-{len(self._persisted)}-{uuid.uuid4().hex[:4]}"
-            ns.persist(name)
+            # Written down first: a bench killed with the name mounted leaves gc the mount to
+            # remove (it pins the namespace, and everything in it, until then).
+            dev, ino = ns.identity
+            key = self.lab.record.add("netns-name", name=name, dev=dev, ino=ino)
+            try:
+                ns.persist(name)
+            except BaseException:
+                self.lab.record.forget(key)
+                raise
             self._persisted[ns.inode] = name
+            self._persisted_keys[name] = key
         return name
 
     def available_tools(self) -> list:
@@ -880,6 +890,7 @@ class Bench:
         for name in list(self._persisted.values()):
             try:
                 remove_persisted(name, missing_ok=True)
+                self.lab.record.forget(self._persisted_keys.pop(name, None))
             except BaseException as exc:  # noqa: BLE001 - finish teardown, then report
                 errors.append(exc)
         self._persisted.clear()

@@ -179,6 +179,9 @@ def test_reference_tools_run_on_the_same_paths(bench):
             ref.reference("dnat", "netperf")
         names = list(ref._persisted.values())
         assert names and all(os.path.exists(f"/run/netns/{n}") for n in names)
+        # Each name is in the lab's record before it exists: gc removes it after a crash.
+        recorded = {e["name"] for e in ref.lab.record._entries.values() if e["kind"] == "netns-name"}
+        assert recorded == set(names)
     ref.close()
     assert not any(os.path.exists(f"/run/netns/{n}") for n in names)
     assert repr(ref) == "<Bench closed>"

@@ -489,3 +489,27 @@ def test_leak_report_flags_unrecorded_sandbox_dirs(tmp_path, monkeypatch):
     dirs = {os.path.basename(x["path"]): x["state"] for x in leak_report(str(tmp_path))["state_dirs"]}
     assert dirs == {"sandbox-stray": "unrecorded", "sandbox-owned": "alive"}
     rec.close()
+
+
+@pytest.mark.root
+def test_gc_removes_a_dead_labs_persisted_netns_name_by_identity(tmp_path):
+    """A /run/netns name a dead lab mounted (the bench's, for reference tools) goes with gc;
+    a name that now holds another namespace is left alone."""
+    from nslab.namespaces import Namespace, remove_persisted
+    run_dir = str(tmp_path / "netns")
+    with Namespace.create("net") as ours, Namespace.create("net") as theirs:
+        ours.persist("nslab-gc-ours", run_dir)
+        theirs.persist("nslab-gc-theirs", run_dir)
+        try:
+            dev, ino = ours.identity
+            dead_record(tmp_path, ("netns-name", {"name": "nslab-gc-ours", "run_dir": run_dir,
+                                                  "dev": dev, "ino": ino}),
+                        ("netns-name", {"name": "nslab-gc-theirs", "run_dir": run_dir,
+                                        "dev": dev, "ino": ino}))
+            report = gc(str(tmp_path))
+            assert not report.errors
+            assert not os.path.exists(os.path.join(run_dir, "nslab-gc-ours"))
+            assert os.path.exists(os.path.join(run_dir, "nslab-gc-theirs"))
+        finally:
+            remove_persisted("nslab-gc-ours", run_dir, missing_ok=True)
+            remove_persisted("nslab-gc-theirs", run_dir, missing_ok=True)
