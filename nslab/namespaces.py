@@ -151,6 +151,9 @@ class Namespace:
         except ProcessLookupError:
             ns.close()
             raise from_errno(errno.ESRCH, "pidfd_send_signal", f"pidfd {pidfd} (pid {pid})") from None
+        except BaseException:
+            ns.close()                  # (EPERM, say): not left for the garbage collector
+            raise
         return ns
 
     @classmethod
@@ -299,10 +302,14 @@ class Namespace:
             except FileExistsError:
                 raise from_errno(errno.EEXIST, "open(O_CREAT|O_EXCL)", f"netns name {path}",
                                  hint="pick another name, or remove_persisted() the old one") from None
+            mounted = False
             try:
                 _native.mount(f"/proc/self/fd/{self.fileno()}", path, None, _native.MS_BIND)
+                mounted = True
                 checkpoint("netns.persisted")
             except BaseException:
+                if mounted:          # interrupted after the mount: a mount point cannot be unlinked
+                    _native.umount2(path, _native.MNT_DETACH)
                 os.unlink(path)
                 raise
         return path
