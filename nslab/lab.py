@@ -386,13 +386,14 @@ class Lab:
         argv = check_argv(argv)
         env = check_env(env)
         caps_mask(cap_drop, "cap_drop")
+        pass_fds = tuple(pass_fds) if not isinstance(pass_fds, (str, bytes)) else pass_fds   # read once
         # Every check of Child.spawn too: the wiring below makes the bridge and table first.
-        executable = check_spawn_args(argv, env=env, cwd=cwd, pass_fds=tuple(pass_fds), stdin=stdin,
+        executable = check_spawn_args(argv, env=env, cwd=cwd, pass_fds=pass_fds, stdin=stdin,
                                       stdout=stdout, stderr=stderr)
         plan = self._plan(mode, name, publish, new, hostname, published_via, strict_publish)
         try:
             return self._start(plan, argv, executable, env=env, cwd=cwd, stdin=stdin, stdout=stdout,
-                               stderr=stderr, pass_fds=tuple(pass_fds), cap_drop=cap_drop)
+                               stderr=stderr, pass_fds=pass_fds, cap_drop=cap_drop)
         finally:
             self._release_name(plan)
 

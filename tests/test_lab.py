@@ -630,3 +630,20 @@ def test_a_lab_that_fails_to_start_leaves_no_record(monkeypatch, tmp_path):
     with pytest.raises(PermissionError):
         Lab()
     assert set(os.listdir(labs_dir())) == before
+
+
+@pytest.mark.root
+def test_pass_fds_may_be_any_iterable(lab):
+    """pass_fds given as a generator reaches the child (it is read once, not once per check)."""
+    r, w = os.pipe()
+    try:
+        c = lab.spawn([sys.executable, "-c", f"import os; os.write({w}, b'hi\\n')"], mode="none",
+                      pass_fds=(fd for fd in [w]))
+        assert c.wait() == 0
+        os.close(w)
+        w = -1
+        assert os.read(r, 10) == b"hi\n"
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
