@@ -800,6 +800,68 @@ static long drain_err_pipe(int err_fd, struct nslab_spawn_report *rep, size_t *g
     }
 }
 
+/* ---- waiting for the exec with a short slice -------------------------------------------
+ *
+ * The child's exec wakes us (EOF on the error pipe). The scheduler may queue us on the CPU
+ * where the program just exec'd now runs, even with another CPU idle (this VM's guest
+ * kernel packs wake-ups onto busy vCPUs: `sched_vcpu_pack=` on its command line; any busy
+ * machine does it too): with the default slice we then wait until that program blocks or
+ * its slice ends, 0.3-3 ms for a busy one (benchmarks/RESULTS.md, "where a bridge spawn's
+ * time goes"). EEVDF (Linux 6.12+) lets a SCHED_OTHER thread ask for a shorter slice
+ * (sched_attr.sched_runtime), and a woken thread with a shorter slice preempts the running
+ * one. So the waiting thread asks for the shortest (0.1 ms) for this wait only, then gets
+ * its own back. Older kernels report no slice: nothing is changed there. */
+
+struct sched_attr_ {
+    uint32_t size, sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime, sched_deadline, sched_period;
+    uint32_t sched_util_min, sched_util_max;
+};
+#define SCHED_FLAG_RESET_ON_FORK_ 0x01
+#define WAIT_SLICE_NS 100000ULL      /* EEVDF's shortest custom slice */
+
+/* The slice of a thread that asked for none: the spawner thread's, read when it starts
+ * (0 until then). A slice equal to it is given back as "none asked for", so the thread
+ * keeps following the kernel's default. */
+static uint64_t g_default_slice;
+
+struct slice_hint {
+    int set;
+    struct sched_attr_ old;
+};
+
+static void short_slice_begin(struct slice_hint *h)
+{
+    h->set = 0;
+    struct sched_attr_ a;
+    memset(&a, 0, sizeof a);
+    /* Only a plain SCHED_OTHER thread (real-time, batch and idle are the caller's choice),
+     * on a kernel with slices (it reports one), and never longer than one it asked for. */
+    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) < 0 || a.sched_policy != SCHED_OTHER ||
+        a.sched_runtime <= WAIT_SLICE_NS)
+        return;
+    h->old = a;
+    a.sched_flags &= SCHED_FLAG_RESET_ON_FORK_;   /* keep it; set nothing else */
+    a.sched_runtime = WAIT_SLICE_NS;
+    h->set = syscall(SYS_sched_setattr, 0, &a, 0) == 0;
+}
+
+static void short_slice_end(struct slice_hint *h)
+{
+    if (!h->set)
+        return;
+    int err = errno;
+    h->old.sched_flags &= SCHED_FLAG_RESET_ON_FORK_;
+    if (h->old.sched_runtime == __atomic_load_n(&g_default_slice, __ATOMIC_RELAXED))
+        h->old.sched_runtime = 0;
+    syscall(SYS_sched_setattr, 0, &h->old, 0);
+    h->set = 0;
+    errno = err;
+}
+
 static void free_child_stack(struct nslab_spawn_result *r)
 {
     if (r->priv)
@@ -864,7 +926,10 @@ int nslab_spawn_release(struct nslab_spawn_result *r, struct nslab_spawn_report 
     r->sync_fd = -1;
 
     size_t got = 0;
+    struct slice_hint hint;
+    short_slice_begin(&hint);
     long rc = drain_err_pipe(r->err_fd, rep, &got);
+    short_slice_end(&hint);
     close(r->err_fd);
     r->err_fd = -1;
     if (rc < 0) {
@@ -945,6 +1010,10 @@ static void *spawner_main(void *unused)
 {
     (void)unused;
     prctl(PR_SET_NAME, "nslab-spawner", 0, 0, 0);
+    struct sched_attr_ a;
+    memset(&a, 0, sizeof a);
+    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0 && a.sched_policy == SCHED_OTHER)
+        __atomic_store_n(&g_default_slice, a.sched_runtime, __ATOMIC_RELAXED);
     pthread_mutex_lock(&g_lock);
     g_tid = (int)syscall(SYS_gettid);
     for (;;) {

@@ -3,6 +3,7 @@
 Namespace identities are read independently of nslab, with ``os.stat`` on ``/proc/PID/ns/*``.
 Tests that create namespaces are ``root``; the rest run unprivileged too.
 """
+import ctypes
 import errno
 import os
 import select
@@ -896,3 +897,75 @@ def test_executable_runs_that_path_and_keeps_argv0():
     with pytest.raises(InputError) as info:
         Child.spawn(["true"], new=(), executable=b"")
     assert info.value.field == "executable"
+
+
+# --- the short slice spawn asks for while it waits for the exec ------------------------------
+class _SchedAttr(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("policy", ctypes.c_uint32), ("flags", ctypes.c_uint64),
+                ("nice", ctypes.c_int32), ("priority", ctypes.c_uint32), ("runtime", ctypes.c_uint64),
+                ("deadline", ctypes.c_uint64), ("period", ctypes.c_uint64),
+                ("util_min", ctypes.c_uint32), ("util_max", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_sched_setattr, _SYS_sched_getattr = 314, 315   # x86_64
+
+
+def _sched_attr(set_to=None, tid=0):
+    """sched_getattr(tid) (0: this thread), after sched_setattr(set_to) if given."""
+    if set_to is not None:
+        set_to.size = ctypes.sizeof(_SchedAttr)
+        assert _libc.syscall(_SYS_sched_setattr, 0, ctypes.byref(set_to), 0) == 0, \
+            os.strerror(ctypes.get_errno())
+    attr = _SchedAttr()
+    assert _libc.syscall(_SYS_sched_getattr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) == 0
+    return attr
+
+
+def _spawn_in_thread(make_attr):
+    """Set this thread's attributes, spawn, and return them (before, after) the spawn, read
+    in a thread of its own so the test runner's thread keeps its own."""
+    out = {}
+
+    def run():
+        before = _sched_attr(make_attr())
+        Child.spawn(["true"]).wait()
+        after = _sched_attr()
+        out["result"] = (before, after)
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out["result"]
+
+
+needs_slices = pytest.mark.skipif(
+    os.uname().machine != "x86_64" or _sched_attr().runtime == 0,
+    reason="sched_getattr by number (x86_64), on a kernel with EEVDF custom slices (Linux 6.12+)")
+
+
+@needs_slices
+@pytest.mark.parametrize("policy, runtime", [(0, 0), (0, 7_000_000), (3, 0)],
+                         ids=["default slice", "a slice of its own", "SCHED_BATCH"])
+def test_spawn_gives_the_calling_thread_its_scheduling_back(policy, runtime):
+    def attr():
+        a = _SchedAttr()
+        a.policy, a.runtime = policy, runtime
+        return a
+    before, after = _spawn_in_thread(attr)
+    assert (after.policy, after.nice, after.runtime, after.flags) == \
+        (before.policy, before.nice, before.runtime, before.flags)
+    if runtime:
+        assert after.runtime == runtime
+
+
+@needs_slices
+def test_a_spawned_child_gets_the_default_slice():
+    # The short slice is the waiting parent's, for the wait only: never the child's.
+    default = _sched_attr().runtime
+    child = Child.spawn([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        attr = _sched_attr(tid=child.pid)
+        assert (attr.policy, attr.runtime) == (0, default)
+    finally:
+        child.kill()
+        child.wait()
