@@ -68,6 +68,7 @@ def test_echoed_handle_is_read_as_pyroute2_reads_it():
     msg.encode()
     data = bytes(msg.data)
     assert _nft.rule_handle(data) == 0x1_0000_0007
+    assert _nft.rule_handle(memoryview(bytearray(data))) == 0x1_0000_0007   # as commit() reads it
     # No handle, a truncated attribute, a zero length: None, never an exception or a loop.
     assert _nft.rule_handle(data[:20]) is None
     assert _nft.rule_handle(data[:-3]) is None
