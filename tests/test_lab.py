@@ -79,6 +79,10 @@ def test_bridge_child_is_wired_like_docker(lab):
     assert re.fullmatch(r"veth[0-9a-f]{7}", c.endpoint.host_ifname)
     assert veth.get_attr("IFLA_MASTER") == host["nslab0"]["index"]
     assert veth.get_attr("IFLA_MTU") == 1500
+    # Docker's txqueuelen 0 on both ends; one queue each way (the count a veth uses anyway).
+    for end in (veth, eth0):
+        assert end.get_attr("IFLA_TXQLEN") == 0
+        assert (end.get_attr("IFLA_NUM_TX_QUEUES"), end.get_attr("IFLA_NUM_RX_QUEUES")) == (1, 1)
     # The peer of the host side is eth0 in the child: the veth's IFLA_LINK is eth0's index.
     assert veth.get_attr("IFLA_LINK") == eth0["index"]
     assert read_sysctl(lab.host.netns, "net.ipv6.conf.nslab0.accept_ra") == "0"
