@@ -25,6 +25,9 @@ class _pyroute2_rule(nft_rule_msg):
     """pyroute2's rule message with the expressions and userdata given pre-packed."""
     nla_map = tuple((name, "cdata") if name in ("NFTA_RULE_EXPRESSIONS", "NFTA_RULE_USERDATA")
                     else (name, kind) for name, kind in nft_rule_msg.nla_map)
+    # pyroute2 compiles a class's nla_map once and marks it on the class; a subclass would
+    # inherit the parent's mark (once anything used nft_rule_msg) and its map with it.
+    _nlmsg_base__compiled_nla = False
 
 
 def _by_pyroute2(table, rule, before):
