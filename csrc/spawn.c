@@ -823,9 +823,11 @@ struct sched_attr_ {
 #define SCHED_FLAG_RESET_ON_FORK_ 0x01
 #define WAIT_SLICE_NS 100000ULL      /* EEVDF's shortest custom slice */
 
-/* The slice of a thread that asked for none: the spawner thread's, read when it starts
- * (0 until then). A slice equal to it is given back as "none asked for", so the thread
- * keeps following the kernel's default. */
+/* The kernel's default slice, as the spawner thread reads it once it has asked for no slice
+ * of its own (0 until then: no hint without it). The custom/default distinction is not
+ * readable, so a slice equal to it is given back as "none asked for": the thread keeps
+ * following the kernel's default. (A thread that asked for exactly the default loses the
+ * request; one that asked for another slice keeps it.) */
 static uint64_t g_default_slice;
 
 struct slice_hint {
@@ -839,8 +841,10 @@ static void short_slice_begin(struct slice_hint *h)
     struct sched_attr_ a;
     memset(&a, 0, sizeof a);
     /* Only a plain SCHED_OTHER thread (real-time, batch and idle are the caller's choice),
-     * on a kernel with slices (it reports one), and never longer than one it asked for. */
-    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) < 0 || a.sched_policy != SCHED_OTHER ||
+     * on a kernel with slices (it reports one), once the default is known, and never
+     * longer than one it asked for. */
+    if (__atomic_load_n(&g_default_slice, __ATOMIC_RELAXED) == 0 ||
+        syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) < 0 || a.sched_policy != SCHED_OTHER ||
         a.sched_runtime <= WAIT_SLICE_NS)
         return;
     h->old = a;
@@ -854,11 +858,19 @@ static void short_slice_end(struct slice_hint *h)
     if (!h->set)
         return;
     int err = errno;
-    h->old.sched_flags &= SCHED_FLAG_RESET_ON_FORK_;
-    if (h->old.sched_runtime == __atomic_load_n(&g_default_slice, __ATOMIC_RELAXED))
-        h->old.sched_runtime = 0;
-    syscall(SYS_sched_setattr, 0, &h->old, 0);
     h->set = 0;
+    /* Only the slice goes back: a renice or chrt of this thread during the wait stays. If it
+     * is no longer SCHED_OTHER, or its slice is not ours any more, it is not ours to touch. */
+    struct sched_attr_ now;
+    memset(&now, 0, sizeof now);
+    if (syscall(SYS_sched_getattr, 0, &now, sizeof now, 0) == 0 && now.sched_policy == SCHED_OTHER &&
+        now.sched_runtime == WAIT_SLICE_NS) {
+        now.sched_flags &= SCHED_FLAG_RESET_ON_FORK_;
+        now.sched_runtime = h->old.sched_runtime;
+        if (now.sched_runtime == __atomic_load_n(&g_default_slice, __ATOMIC_RELAXED))
+            now.sched_runtime = 0;
+        syscall(SYS_sched_setattr, 0, &now, 0);
+    }
     errno = err;
 }
 
@@ -1010,10 +1022,19 @@ static void *spawner_main(void *unused)
 {
     (void)unused;
     prctl(PR_SET_NAME, "nslab-spawner", 0, 0, 0);
+    /* This thread copied the scheduling of the thread that started it, a custom slice
+     * included, and every child inherits this thread's: ask for none (policy and nice stay
+     * as they are), then read what "none" is on this kernel. */
     struct sched_attr_ a;
     memset(&a, 0, sizeof a);
-    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0 && a.sched_policy == SCHED_OTHER)
-        __atomic_store_n(&g_default_slice, a.sched_runtime, __ATOMIC_RELAXED);
+    if (syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0 && a.sched_runtime != 0 &&
+        (a.sched_policy == SCHED_OTHER || a.sched_policy == SCHED_BATCH || a.sched_policy == SCHED_IDLE)) {
+        a.sched_flags &= SCHED_FLAG_RESET_ON_FORK_;
+        a.sched_runtime = 0;
+        if (syscall(SYS_sched_setattr, 0, &a, 0) == 0 &&
+            syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0)
+            __atomic_store_n(&g_default_slice, a.sched_runtime, __ATOMIC_RELAXED);
+    }
     pthread_mutex_lock(&g_lock);
     g_tid = (int)syscall(SYS_gettid);
     for (;;) {

@@ -960,12 +960,23 @@ def test_spawn_gives_the_calling_thread_its_scheduling_back(policy, runtime):
 
 @needs_slices
 def test_a_spawned_child_gets_the_default_slice():
-    # The short slice is the waiting parent's, for the wait only: never the child's.
-    default = _sched_attr().runtime
-    child = Child.spawn([sys.executable, "-c", "import time; time.sleep(30)"])
+    # The short slice is the waiting parent's, for the wait only: never the child's. Nor a
+    # slice the thread that started the spawner thread had asked for. (Policy and nice are
+    # that thread's: not checked here.)
+    def spawn_with_a_slice_of_its_own():
+        a = _SchedAttr()
+        a.runtime = 5_000_000
+        _sched_attr(a)
+        out.append(Child.spawn([sys.executable, "-c", "import time; time.sleep(30)"]))
+    out = []
+    t = threading.Thread(target=spawn_with_a_slice_of_its_own)
+    t.start()
+    t.join()
+    child = out[0]
+    default = _sched_attr().runtime      # the runner's thread asked for none
     try:
         attr = _sched_attr(tid=child.pid)
-        assert (attr.policy, attr.runtime) == (0, default)
+        assert attr.runtime == default
     finally:
         child.kill()
         child.wait()
