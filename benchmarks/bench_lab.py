@@ -83,8 +83,11 @@ class IpSequence:
         addr = f"{ip}/{self.net.subnet.prefixlen}"
         t0 = time.perf_counter()
         self.ip("netns", "add", child)
-        self.ip("-n", self.host_name, "link", "add", veth, "mtu", "1500", "type", "veth",
-                "peer", "name", "eth0", "mtu", "1500", "netns", child)
+        # The same end state also means nslab's veth attributes (Docker's txqueuelen 0, one
+        # queue each way); the bare wiring takes the defaults, as an engineer would.
+        queues = ("txqueuelen", "0", "numtxqueues", "1", "numrxqueues", "1") if same_end_state else ()
+        self.ip("-n", self.host_name, "link", "add", veth, "mtu", "1500", *queues, "type", "veth",
+                "peer", "name", "eth0", "mtu", "1500", *queues, "netns", child)
         if same_end_state:
             self.ip("netns", "exec", self.host_name, "nft", "add", "rule", "ip", self.table, "prerouting",
                     "ip", "daddr", str(ip), "iifname", "!=", self.net.bridge, "drop")

@@ -539,7 +539,8 @@ class Netfilter(NetlinkSession):
             while off + 16 <= n:
                 length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", buf, off)
                 if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", buf, off + 16)[0] if length >= 20 else errno.EBADMSG
+                    code = (-struct.unpack_from("=i", buf, off + 16)[0]
+                            if length >= 20 and off + 20 <= n else errno.EBADMSG)
                     if seq == fence and code:
                         raise from_errno(code, "nfnetlink getgen", self.description)
                     if code and seq in seqs:
