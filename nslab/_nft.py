@@ -50,7 +50,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 )
 
 from ._netlink import NetlinkSession
-from .errors import from_errno
+from .errors import NslabError, from_errno
 
 __all__ = ["Rule", "Dnat", "Jump", "Vmap", "ACCEPT", "DROP", "MASQUERADE", "FIELDS", "Batch",
            "Netfilter", "NFT_TABLE_F_OWNER", "HOOKS", "compile_rule"]
@@ -316,6 +316,7 @@ def compile_rule(rule: Rule) -> tuple[bytes, bytes | None]:
 _NFTA_RULE_TABLE, _NFTA_RULE_CHAIN, _NFTA_RULE_HANDLE, _NFTA_RULE_EXPRESSIONS = 1, 2, 3, 4
 _NFTA_RULE_POSITION, _NFTA_RULE_USERDATA = 6, 7
 _NFNETLINK_V0 = 0
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33
 
 
 def _u64(kind: int, value: int) -> bytes:
@@ -478,7 +479,7 @@ class Netfilter(NetlinkSession):
     def __init__(self, sock: socket.socket, description: str = ""):
         super().__init__(sock, description)
         self._rbuf: memoryview | None = None
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)   # grown per batch as needed
         sock.bind((0, 0))                     # the kernel picks the port id (the table owner)
         # Extended acks: the kernel says which attribute it disliked.
         try:
@@ -514,6 +515,7 @@ class Netfilter(NetlinkSession):
                 data += msg.data
             data += self._control(NFNL_MSG_BATCH_END, self._next_seq())
             fence = self._next_seq()
+            self._fit_buffers(len(data), len(batch.requests), batch.table)
             sock.sendall(bytes(data))
             sock.sendall(self._getgen(fence))
             errors, handles = self._collect(seqs, fence)
@@ -524,6 +526,35 @@ class Netfilter(NetlinkSession):
                              f"table ip {batch.table} in {self.description}",
                              _hint(code)) from None
         return handles
+
+    def _fit_buffers(self, send: int, requests: int, table: str) -> None:
+        """Make both socket buffers hold this batch, before anything is sent.
+
+        A batch must travel in one sendmsg (nfnetlink applies what one message carries), so
+        the send buffer must hold it whole, or the send fails with EMSGSIZE; its replies (an
+        ack per request, the echoed rule for each new one) all queue up before the first is
+        read, or the kernel drops some (ENOBUFS) of a batch it has applied. A published range
+        of a few hundred ports outgrows the defaults. Grown on demand: with SO_*BUFFORCE where
+        we may (CAP_NET_ADMIN), else up to net.core.wmem_max / rmem_max."""
+        sock = self.sock
+        for opt, force, need, limit in (
+                (socket.SO_SNDBUF, _SO_SNDBUFFORCE, send + 4096, "net.core.wmem_max"),
+                # The kernel counts a reply's whole buffer (truesize), ~1-2 KiB even for an ack.
+                (socket.SO_RCVBUF, _SO_RCVBUFFORCE, send + 2048 * requests + 65536, "net.core.rmem_max")):
+            if sock.getsockopt(socket.SOL_SOCKET, opt) >= need:   # reads back twice what was set
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, need)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, opt, need)
+            if sock.getsockopt(socket.SOL_SOCKET, opt) < need:
+                raise NslabError(errno.EMSGSIZE,
+                                 f"an nfnetlink batch of {requests} requests ({send} bytes) for table "
+                                 f"ip {table} in {self.description} needs socket buffers of "
+                                 f"{need} bytes: {limit} is lower, and raising ours past it needs "
+                                 "CAP_NET_ADMIN", syscall="setsockopt",
+                                 obj=f"nfnetlink socket in {self.description}",
+                                 hint=f"raise {limit} (sysctl -w {limit}={2 * need}), or publish fewer ports")
 
     def _collect(self, seqs: dict[int, int], fence: int) -> tuple[dict[int, int], dict[int, int]]:
         errors: dict[int, int] = {}

@@ -361,6 +361,51 @@ def test_ephemeral_and_range_host_ports(box):
         assert ask(box.outside, HOST_UPLINK, 8001) == OUTSIDE
 
 
+def test_a_wide_port_range_goes_in_one_batch_and_comes_out_again(box):
+    """`-p 80-679:80-679`: one batch of ~1,200 rules (a DNAT and a forward accept per port)
+    outgrows the default socket buffers (the send failed with EMSGSIZE); the buffers grow for
+    it, every rule is in the table as nft reads it, c1's server answers through its port 80,
+    and unpublish takes them all."""
+    with firewall(box, via="nat") as fw:
+        published = fw.publish("c1", "nslab0", C1, "80-679:80-679")
+        assert [m.host_port for m in published] == list(range(80, 680))
+        assert nft(box.host, "list", "ruleset").count("dnat to 172.17.0.2:") == 600
+        assert ask(box.outside, HOST_UPLINK, 80) == OUTSIDE
+        fw.unpublish("c1")
+        assert "dnat to" not in nft(box.host, "list", "ruleset")
+
+
+def test_a_batch_the_buffers_cannot_hold_is_refused_before_it_is_sent():
+    """Without CAP_NET_ADMIN a socket buffer stops at net.core.[rw]mem_max: a batch that would
+    not fit is refused with the limit named, and nothing reaches the kernel (a sent batch is
+    applied even if its replies are then lost)."""
+    class CappedSocket:
+        """Stands in for an unprivileged nfnetlink socket, which cannot be had as root."""
+        def __init__(self):
+            self.sent = []
+        def setsockopt(self, level, opt, value):
+            if opt in (_nft._SO_SNDBUFFORCE, _nft._SO_RCVBUFFORCE):
+                raise PermissionError(errno.EPERM, "Operation not permitted")
+        def getsockopt(self, level, opt):
+            return 2 * 212992                       # Debian's default net.core.[rw]mem_max
+        def bind(self, addr):
+            pass
+        def sendall(self, data):
+            self.sent.append(data)
+        def close(self):
+            pass
+    sock = CappedSocket()
+    nf = _nft.Netfilter(sock, "a test netns")
+    batch = _nft.Batch("nslab")
+    for port in range(2000):
+        batch.add_rule(_nft.Rule("DOCKER", (("tcp dport", "==", 20000 + port % 40000),),
+                                 _nft.Dnat("172.17.0.2", 80)))
+    with pytest.raises(NslabError) as info:
+        nf.commit(batch)
+    assert info.value.errno == errno.EMSGSIZE and "wmem_max" in info.value.hint
+    assert sock.sent == []
+
+
 def test_mixed_backends_in_one_table(box):
     """A nat-backend child in a docker-default table is still served on 127.0.0.1 (by DNAT),
     and its network-level hairpin pieces go with it."""
