@@ -479,6 +479,7 @@ class Netfilter(NetlinkSession):
     def __init__(self, sock: socket.socket, description: str = ""):
         super().__init__(sock, description)
         self._rbuf: memoryview | None = None
+        self._buf_sizes: dict[int, int] = {}      # SO_SNDBUF/SO_RCVBUF as last read back
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)   # grown per batch as needed
         sock.bind((0, 0))                     # the kernel picks the port id (the table owner)
         # Extended acks: the kernel says which attribute it disliked.
@@ -541,13 +542,17 @@ class Netfilter(NetlinkSession):
                 (socket.SO_SNDBUF, _SO_SNDBUFFORCE, send + 4096, "net.core.wmem_max"),
                 # The kernel counts a reply's whole buffer (truesize), ~1-2 KiB even for an ack.
                 (socket.SO_RCVBUF, _SO_RCVBUFFORCE, send + 2048 * requests + 65536, "net.core.rmem_max")):
-            if sock.getsockopt(socket.SOL_SOCKET, opt) >= need:   # reads back twice what was set
+            if self._buf_sizes.get(opt, 0) >= need:       # known big enough: no syscall
+                continue
+            self._buf_sizes[opt] = sock.getsockopt(socket.SOL_SOCKET, opt)  # twice what was set
+            if self._buf_sizes[opt] >= need:
                 continue
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, need)
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, opt, need)
-            if sock.getsockopt(socket.SOL_SOCKET, opt) < need:
+            self._buf_sizes[opt] = sock.getsockopt(socket.SOL_SOCKET, opt)
+            if self._buf_sizes[opt] < need:
                 raise NslabError(errno.EMSGSIZE,
                                  f"an nfnetlink batch of {requests} requests ({send} bytes) for table "
                                  f"ip {table} in {self.description} needs socket buffers of "
