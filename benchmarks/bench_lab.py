@@ -194,8 +194,33 @@ def kernel_costs(lab, rounds: int = 20) -> dict:
     return {"veth": statistics.median(veth), "nft": statistics.median(nft)}
 
 
+def cpu_busy_fraction(interval: float = 0.5) -> float:
+    """The machine's busy share of all CPUs over ``interval`` (from /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]          # total, idle + iowait
+    t0, i0 = sample()
+    time.sleep(interval)
+    t1, i1 = sample()
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_until_quiet(limit: float = 120.0, busy: float = 0.10) -> float:
+    """Wait until the machine is quiet: twice in a row under ``busy``. The kernel frees a
+    closed lab's namespaces later, in its own workers (cleanup_net): after 1,000 children
+    that runs for tens of seconds, and a scale run started meanwhile would time its first
+    children against it. Returns the seconds waited."""
+    t0 = time.monotonic()
+    calm = 0
+    while calm < 2 and time.monotonic() - t0 < limit:
+        calm = calm + 1 if cpu_busy_fraction() < busy else 0
+    return time.monotonic() - t0
+
+
 def bench_scale(n: int, gratuitous_arp: bool = True, window: int = 20) -> dict:
     per_child = []
+    waited = wait_until_quiet()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with Lab(gratuitous_arp=gratuitous_arp) as lab:
         lab.spawn(["true"]).close()
@@ -258,7 +283,7 @@ def bench_scale(n: int, gratuitous_arp: bool = True, window: int = 20) -> dict:
             "answered": n - len(missed), "answered_after_retry": n - len(missed_again), "retries": retries,
             "arp_table_fulls": fulls1 - fulls0, "probe_time": probe_time,
             "kernel_early": kernel_early, "kernel_late": kernel_late,
-            "teardown": teardown, "veths_left": len(left),
+            "teardown": teardown, "veths_left": len(left), "waited": waited,
             "rss_per_child_kb": (rss1 - rss0) / n}
 
 
@@ -292,6 +317,8 @@ def report(ready: dict, scales: list, machine: str) -> str:
         ke, kl = sc["kernel_early"], sc["kernel_late"]
         w = sc["window"]
         lines += ["", f"### Scale: {sc['n']} bridge children on one sandbox host, gratuitous ARP {garp}", "",
+                  f"- started on a quiet machine (waited {sc['waited']:.0f} s for CPU use under 10%: the "
+                  f"kernel frees closed namespaces later, in its own workers)",
                   f"- setup {sc['setup_total']:.2f} s in all; per child {ms(sc['first'])} ms "
                   f"(median of children 1-{w}) vs {ms(sc['last'])} ms (the last {w}): "
                   f"**{sc['ratio']:.2f}×** (target ≤ 1.5×)",
