@@ -36,6 +36,9 @@
  *     This is why the child uses raw syscalls: it shares the calling thread's TLS, and glibc
  *     wrappers would write that thread's errno. The stack is freed only once the child has
  *     provably left it (EOF on the error pipe happens after exec or exit released the memory).
+ *     Cloned by the spawner thread, it also shares our fd table at first (CLONE_FILES) and
+ *     takes one of its own with only the low fds it needs, so the cost does not grow with the
+ *     fds a lab holds either (see "the child's fd table" below).
  *   - fork mode: clone3 with no stack copies the address space. Needed for CLONE_INTO_CGROUP
  *     (glibc's clone() wrapper passes 32-bit flags) and for time namespaces (CLONE_NEWTIME is
  *     ignored with CLONE_VM, and setns refuses a task sharing its mm: EUSERS); also used on
@@ -59,6 +62,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -172,6 +176,9 @@ struct child_ctx {
     sigset_t mask;                    /* the signal mask the exec'd program starts with */
     int needed[NSLAB_SPAWN_MAX_FDS];  /* sorted: every fd the child may still use */
     int n_needed;
+    unsigned int own_files_below;     /* > 0: cloned with CLONE_FILES; take a table of our own
+                                         holding only the fds below this (see spawn_impl) */
+    int files_pending;                /* futex: 1 until we no longer share the parent's table */
 };
 
 /* ------------------------------------------------------------------------------------ */
@@ -330,6 +337,10 @@ static void drop_caps(const struct child_ctx *c, unsigned long long mask)
     if ((rc = sys2(SYS_capset, &h, d)) < 0)
         child_fail(c, NSLAB_STEP_CAPS, rc, -1);
 }
+
+#define CLOSE_RANGE_UNSHARE_ (1U << 1)
+#define FUTEX_WAIT_ 0                 /* shared (not _PRIVATE): the kernel's CLONE_CHILD_CLEARTID */
+#define FUTEX_WAKE_ 1                 /* wake-up on exit is a shared one */
 
 /* ---- setup programs (spawn.h) ------------------------------------------------------- */
 
@@ -502,6 +513,20 @@ static int __attribute__((noreturn)) child_main(void *arg)
     long ppid = sys0(SYS_getppid);  /* 0 in a new pid namespace: the parent is outside it */
     long rc;
 
+    if (c->own_files_below > 0) {
+        /* Still the parent's fd table: touch nothing in it. Take a table of our own with the
+         * low fds only (Linux 5.9+; before, a copy of the whole table, closed down below as
+         * usual), then let the parent go on. */
+        rc = sys3(SYS_close_range, c->own_files_below, ~0U, CLOSE_RANGE_UNSHARE_);
+        if (rc < 0)
+            rc = sys1(SYS_unshare, CLONE_FILES);
+        int *pending = &((struct child_ctx *)c)->files_pending;
+        __atomic_store_n(pending, 0, __ATOMIC_RELEASE);
+        if (raw6(SYS_futex, (long)pending, FUTEX_WAKE_, 1, 0, 0, 0) > 0)
+            sys0(SYS_sched_yield);   /* the spawner may be queued behind us on this CPU */
+        if (rc < 0)
+            child_fail(c, NSLAB_STEP_CLOSE_FDS, rc, 0);
+    }
     reset_signal_handlers(c);
     set_pdeathsig(c, ppid);
     if ((rc = close_unneeded_fds(c)) < 0)
@@ -637,6 +662,73 @@ static int use_vm_mode(const struct nslab_spawn_args *a)
     return 1;
 }
 
+/* ---- the child's fd table -----------------------------------------------------------
+ *
+ * A clone copies the whole fd table and the child then closes all but a few: O(open fds)
+ * per spawn, and a lab holds two per container (pidfd, netns handle): +0.19 ms per spawn at
+ * 2,000 fds (benchmarks/RESULTS.md). So the spawner thread's CLONE_VM children share our
+ * table (CLONE_FILES) and, first thing, take one of their own holding only the fds below a
+ * bound: close_range(bound, ~0, CLOSE_RANGE_UNSHARE) copies nothing above it. The child's
+ * ends of its sync socket and error pipe are the only fds it needs that we make per spawn,
+ * so they go into two low fd numbers reserved for that (slots, holding a placeholder pipe
+ * end in between), and the spawner waits until the child has its own table before it puts
+ * the placeholders back. Used only when every fd the child needs is below SLOT_BOUND. */
+
+#define SLOT_BOUND 256
+
+static int g_fd_slot[2] = {-1, -1};     /* the reserved fd numbers (spawner thread only) */
+static int g_fd_slot_src = -1;          /* the placeholder: the read end of a pipe of ours */
+static dev_t g_fd_slot_dev;
+static ino_t g_fd_slot_ino;
+
+static int slot_holds_placeholder(int fd)
+{
+    struct stat st;
+    return fstat(fd, &st) == 0 && st.st_dev == g_fd_slot_dev && st.st_ino == g_fd_slot_ino;
+}
+
+/* On the spawner thread, once. Without slots (no low fds to spare), every clone copies. */
+static void reserve_slots(void)
+{
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return;
+    close(p[1]);                      /* nobody writes: a placeholder never reads */
+    struct stat st;
+    int a = fcntl(p[0], F_DUPFD_CLOEXEC, 3), b = fcntl(p[0], F_DUPFD_CLOEXEC, 3);
+    if (fstat(p[0], &st) < 0 || a < 0 || b < 0 || a >= SLOT_BOUND || b >= SLOT_BOUND) {
+        close(p[0]);
+        if (a >= 0)
+            close(a);
+        if (b >= 0)
+            close(b);
+        return;
+    }
+    g_fd_slot_dev = st.st_dev;
+    g_fd_slot_ino = st.st_ino;
+    g_fd_slot_src = p[0];
+    g_fd_slot[0] = a;
+    g_fd_slot[1] = b;
+}
+
+/* The bound below which the child keeps fds if it can share our table, else 0. */
+static unsigned int shared_table_bound(const struct nslab_spawn_args *a, int vm, int via_spawner)
+{
+    if (!vm || !via_spawner || g_fd_slot[0] < 0 || (a->flags & NSLAB_SPAWN_NO_CLOSE_RANGE))
+        return 0;
+    int top = g_fd_slot[0] > g_fd_slot[1] ? g_fd_slot[0] : g_fd_slot[1];
+    for (int i = 0; i < a->n_keep; i++)
+        top = a->keep_fds[i] > top ? a->keep_fds[i] : top;
+    for (int i = 0; i < a->n_join; i++)
+        top = a->join_fds[i] > top ? a->join_fds[i] : top;
+    for (int i = 0; i < 3; i++)
+        top = a->stdio[i] > top ? a->stdio[i] : top;
+    /* Someone closed a slot and the number may be theirs now: never dup over it. */
+    if (top >= SLOT_BOUND || !slot_holds_placeholder(g_fd_slot[0]) || !slot_holds_placeholder(g_fd_slot[1]))
+        return 0;
+    return (unsigned int)top + 1;
+}
+
 /* Fork mode: clone3 without a stack, falling back to clone(2). Returns the pid or -errno. */
 static long clone_fork_mode(const struct nslab_spawn_args *a, struct child_ctx *ctx, int *pidfd)
 {
@@ -714,6 +806,17 @@ static int spawn_impl(const struct nslab_spawn_args *a, struct nslab_spawn_resul
     ctx->err_fd = errp[1];
     ctx->handlers_cleared = 0;
     ctx->n_needed = 0;
+    ctx->own_files_below = shared_table_bound(a, vm, child_mask != NULL);
+    ctx->files_pending = 1;
+    if (ctx->own_files_below > 0) {
+        if (dup3(sync_sv[1], g_fd_slot[0], O_CLOEXEC) < 0 || dup3(errp[1], g_fd_slot[1], O_CLOEXEC) < 0) {
+            dup3(g_fd_slot_src, g_fd_slot[0], O_CLOEXEC);
+            ctx->own_files_below = 0;         /* (the error slot was not touched) */
+        } else {
+            ctx->sync_fd = g_fd_slot[0];
+            ctx->err_fd = g_fd_slot[1];
+        }
+    }
     for (int i = 0; i < a->n_keep; i++)
         add_needed(ctx, a->keep_fds[i]);
     for (int i = 0; i < a->n_join; i++)
@@ -733,15 +836,25 @@ static int spawn_impl(const struct nslab_spawn_args *a, struct nslab_spawn_resul
     int pidfd = -1;
     long pid;
     if (vm) {
-        /* glibc's clone() switches to the new stack and calls child_main there. */
-        pid = clone(child_main, ctx, CLONE_VM | CLONE_PIDFD | (int)a->clone_flags | SIGCHLD,
-                    ctx, &pidfd, NULL, NULL);
+        /* glibc's clone() switches to the new stack and calls child_main there. With a shared
+         * table, CLONE_CHILD_CLEARTID zeroes files_pending (and wakes us) should the child
+         * exit or exec before it does so itself. */
+        int shared = ctx->own_files_below > 0 ? CLONE_FILES | CLONE_CHILD_CLEARTID : 0;
+        pid = clone(child_main, ctx, CLONE_VM | CLONE_PIDFD | shared | (int)a->clone_flags | SIGCHLD,
+                    ctx, &pidfd, NULL, &ctx->files_pending);
         if (pid < 0)
             pid = -errno;
     } else {
         pid = clone_fork_mode(a, ctx, &pidfd);
     }
 
+    if (ctx->own_files_below > 0) {
+        /* The slots are the child's until it has its own table. */
+        while (pid > 0 && __atomic_load_n(&ctx->files_pending, __ATOMIC_ACQUIRE) != 0)
+            syscall(SYS_futex, &ctx->files_pending, FUTEX_WAIT_, 1, NULL, NULL, 0);
+        dup3(g_fd_slot_src, g_fd_slot[0], O_CLOEXEC);
+        dup3(g_fd_slot_src, g_fd_slot[1], O_CLOEXEC);
+    }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     close(sync_sv[1]);
     close(errp[1]);
@@ -1015,6 +1128,15 @@ static void atfork_child(void)
     g_slot = NULL;
     g_owner = 0;
     g_tid = 0;
+    /* The slots are our parent's spawner's: closed here, a new spawner reserves its own. */
+    for (int i = 0; i < 2; i++) {
+        if (g_fd_slot[i] >= 0)
+            close(g_fd_slot[i]);
+        g_fd_slot[i] = -1;
+    }
+    if (g_fd_slot_src >= 0)
+        close(g_fd_slot_src);
+    g_fd_slot_src = -1;
 }
 static void register_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
 
@@ -1035,6 +1157,7 @@ static void *spawner_main(void *unused)
             syscall(SYS_sched_getattr, 0, &a, sizeof a, 0) == 0)
             __atomic_store_n(&g_default_slice, a.sched_runtime, __ATOMIC_RELAXED);
     }
+    reserve_slots();
     pthread_mutex_lock(&g_lock);
     g_tid = (int)syscall(SYS_gettid);
     for (;;) {

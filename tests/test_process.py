@@ -5,6 +5,7 @@ Tests that create namespaces are ``root``; the rest run unprivileged too.
 """
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -255,6 +256,61 @@ def test_child_fds_are_exactly_stdio_and_pass_fds(path):
         for fd in (leaky, r, w, passed):
             os.close(fd)
         sock.close()
+
+
+@pytest.mark.parametrize("passed_high", [False, True], ids=["shared table", "a pass_fd above the bound"])
+def test_child_fds_with_a_crowded_fd_table(passed_high):
+    """A controller holding hundreds of fds (a lab holds two per container): the child still
+    gets exactly stdio and pass_fds, whether it takes only the low part of our table (the
+    spawner's CLONE_FILES path) or, with an fd it needs above the bound, a full copy."""
+    crowd = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(300)]
+    passed = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
+    if passed_high:
+        high = fcntl.fcntl(passed, fcntl.F_DUPFD_CLOEXEC, 400)
+        os.close(passed)
+        passed = high
+    try:
+        with Child.spawn(["sleep", "30"], new=(), pass_fds=(passed,)) as child:
+            assert wait_until(lambda: fds_of(child.pid) == {0, 1, 2, passed}), fds_of(child.pid)
+            assert os.readlink(f"/proc/{child.pid}/fd/{passed}") == "/dev/zero"
+    finally:
+        for fd in crowd + [passed]:
+            os.close(fd)
+
+
+def test_fds_a_program_reopened_where_the_spawner_kept_its_slots_are_left_alone(tmp_path):
+    """The spawner keeps two low fd numbers for the children's ends of their sockets. A
+    program that closes every fd and reopens its own there (as daemons do) keeps them: the
+    spawner sees its placeholders gone, copies the whole table instead, and never dups
+    over the program's files."""
+    script = tmp_path / "closer.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+        from nslab.process import Child
+        Child.spawn(["true"]).wait()                  # the spawner and its slots exist now
+        os.closerange(3, 64)
+        mine = {{}}
+        for i in range(3, 64):                        # files of its own: one inode each
+            fd = os.open(os.path.join({str(tmp_path)!r}, f"f{{i}}"), os.O_RDWR | os.O_CREAT)
+            mine[fd] = os.fstat(fd).st_ino
+        child = Child.spawn(["sleep", "30"], new=())
+        try:
+            kept = {{fd: os.fstat(fd).st_ino for fd in mine}} == mine
+            import time
+            for _ in range(200):
+                fds = set(map(int, os.listdir(f"/proc/{{child.pid}}/fd")))
+                if fds == {{0, 1, 2}}:
+                    break
+                time.sleep(0.01)
+            print(kept, sorted(fds))
+        finally:
+            child.kill()
+            child.wait()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(None, 1) == ["True", "[0, 1, 2]\n"], out.stdout
 
 
 @pytest.mark.parametrize("path", sorted(SPAWN_PATHS))
