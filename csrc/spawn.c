@@ -918,9 +918,9 @@ static long drain_err_pipe(int err_fd, struct nslab_spawn_report *rep, size_t *g
  * The child's exec wakes us (EOF on the error pipe). The scheduler may queue us on the CPU
  * where the program just exec'd now runs: on a machine whose other CPUs are busy, and on
  * this VM even when one idles (its guest kernel packs wake-ups onto busy vCPUs:
- * `sched_vcpu_pack=` on its command line). With the default slice we then wait until that program blocks or
- * its slice ends, 0.3-3 ms for a busy one (benchmarks/RESULTS.md, "where a bridge spawn's
- * time goes"). EEVDF (Linux 6.12+) lets a SCHED_OTHER thread ask for a shorter slice
+ * `sched_vcpu_pack=` on its command line). With the default slice we then wait until that
+ * program blocks or its slice ends, 0.3-3 ms for a busy one (benchmarks/RESULTS.md, "where
+ * a bridge spawn's time goes"). EEVDF (Linux 6.12+) lets a SCHED_OTHER thread ask for a shorter slice
  * (sched_attr.sched_runtime), and a woken thread with a shorter slice preempts the running
  * one. So the waiting thread asks for the shortest (0.1 ms) for this wait only, then gets
  * its own back. Older kernels report no slice: nothing is changed there. */

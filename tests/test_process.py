@@ -263,8 +263,9 @@ def test_child_fds_with_a_crowded_fd_table(passed_high):
     """A controller holding hundreds of fds (a lab holds two per container): the child still
     gets exactly stdio and pass_fds, whether it takes only the low part of our table (the
     spawner's CLONE_FILES path) or, with an fd it needs above the bound, a full copy."""
+    Child.spawn(["true"], new=()).wait()    # the spawner reserves its low slots before the crowd
+    passed = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)     # low: before the crowd
     crowd = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(300)]
-    passed = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC)
     if passed_high:
         high = fcntl.fcntl(passed, fcntl.F_DUPFD_CLOEXEC, 400)
         os.close(passed)
